@@ -1,0 +1,5 @@
+import sys
+
+from overlayd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""Every constant the daemon's behaviour depends on, in one place."""
+
+from __future__ import annotations
+
+# Kernel cache lifetimes (seconds). Every change to the merged view passes through the daemon
+# (lower layers are immutable by the overlayfs contract, and the upper belongs to the mount), so
+# the kernel may cache entries and attributes for a long time; we invalidate what we change.
+ENTRY_TIMEOUT = 86400.0
+ATTR_TIMEOUT = 86400.0
+# Negative entries too: a name we said is absent stays absent until we create it.
+NEGATIVE_TIMEOUT = 86400.0
+
+# The kernel's limit on stacked layers (OVL_MAX_STACK).
+MAX_LAYERS = 500
+
+# Whiteout and opaque formats (Documentation/filesystems/overlayfs.rst; OCI image spec).
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_MARKER = b".wh..wh..opq"
+OPAQUE_XATTRS = (
+    b"trusted.overlay.opaque",
+    b"user.overlay.opaque",
+    b"user.fuseoverlayfs.opaque",
+)
+OPAQUE_VALUE = b"y"
+
+# Xattrs that describe the overlay itself: never listed, read or written through the mount
+# (the kernel hides trusted.overlay.*; we hide every overlay family we read).
+PRIVATE_XATTR_PREFIXES = (
+    b"trusted.overlay.",
+    b"user.overlay.",
+    b"user.fuseoverlayfs.",
+)
+
+# Inode numbers: the real inode number tagged with the index of the layer's filesystem in the
+# top bits (the kernel's xino scheme); numbers that do not fit get a synthetic one.
+XINO_SHIFT = 56
+SYNTHETIC_INO_BASE = 0xFF << XINO_SHIFT
+
+# The workdir's subdirectory where objects are built before publication (the kernel's name).
+WORK_SUBDIR = b"work"
+
+FSNAME = "overlayd"
+FUSE_SUBTYPE = "overlayd"

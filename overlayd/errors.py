@@ -1,0 +1,26 @@
+"""Domain errors of the core, each carrying the errno the FUSE adapter answers with."""
+
+from __future__ import annotations
+
+import errno
+
+
+class OverlayError(Exception):
+    """An error the core reports to the caller as *errno*."""
+
+    errno: int = errno.EIO
+
+    def __init__(self, message: str = "", err: int | None = None) -> None:
+        super().__init__(message)
+        if err is not None:
+            self.errno = err
+
+
+class ReadOnly(OverlayError):
+    """A change was asked of a mount without an upper layer."""
+
+    errno = errno.EROFS
+
+
+class UsageError(Exception):
+    """Bad command line or mount options: reported as one line, exit status 2."""

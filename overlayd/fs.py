@@ -1,0 +1,204 @@
+"""The pyfuse3 adapter: translates FUSE requests into Overlay calls, and nothing more.
+
+One error boundary (``fuse_op``) turns OSError and OverlayError into FUSEError(errno) and any other
+exception into a logged traceback and EIO, so no request can take the daemon down. Every handler
+runs in the trio thread without awaiting: the core is synchronous and the fast path has no await.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+
+from overlayd.constants import ATTR_TIMEOUT, ENTRY_TIMEOUT, NEGATIVE_TIMEOUT
+from overlayd.errors import OverlayError, ReadOnly
+from overlayd.inodes import Node
+from overlayd.overlay import Overlay
+
+log = logging.getLogger(__name__)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def fuse_op(
+    fn: Callable[Concatenate[Operations, P], R],
+) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
+    """Make a synchronous handler a pyfuse3 coroutine with the single error boundary."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    async def handler(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OverlayError as e:
+            log.debug("%s%r: %s (errno %d)", name, args, e, e.errno)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except OSError as e:
+            if e.errno is None:
+                log.exception("%s%r failed without an errno", name, args)
+                raise pyfuse3.FUSEError(errno.EIO) from None
+            log.debug("%s%r: %s", name, args, e)
+            raise pyfuse3.FUSEError(e.errno) from None
+        except Exception:
+            log.exception("unexpected error in %s%r", name, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = True
+    enable_writeback_cache = False
+    enable_acl = False
+
+    def __init__(self, overlay: Overlay) -> None:
+        super().__init__()
+        self.overlay = overlay
+
+    def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = node.ino
+        attr.generation = 0
+        attr.entry_timeout = ENTRY_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_mode = st.st_mode
+        attr.st_nlink = self.overlay.nlink(node, st)
+        attr.st_uid = st.st_uid
+        attr.st_gid = st.st_gid
+        attr.st_rdev = st.st_rdev
+        attr.st_size = st.st_size
+        attr.st_blksize = st.st_blksize
+        attr.st_blocks = st.st_blocks
+        attr.st_atime_ns = st.st_atime_ns
+        attr.st_mtime_ns = st.st_mtime_ns
+        attr.st_ctime_ns = st.st_ctime_ns
+        return attr
+
+    # -- lookups ---------------------------------------------------------------------------
+
+    @fuse_op
+    def lookup(self, parent_inode: int, name: bytes,
+               ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ov = self.overlay
+        hit = ov.lookup(ov.node(parent_inode), name)
+        if hit is None:
+            # A negative entry the kernel may cache: st_ino 0 with an entry timeout.
+            attr = pyfuse3.EntryAttributes()
+            attr.st_ino = 0
+            attr.entry_timeout = NEGATIVE_TIMEOUT
+            return attr
+        node, st = hit
+        ov.remember(node)
+        return self._entry(node, st)
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        # Never raises: the kernel cannot be told about a failed forget.
+        for ino, nlookup in inode_list:
+            try:
+                self.overlay.forget(ino, nlookup)
+            except Exception:
+                log.exception("forget(%d, %d)", ino, nlookup)
+
+    @fuse_op
+    def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self.overlay.node(inode)
+        return self._entry(node, self.overlay.stat(node))
+
+    @fuse_op
+    def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.overlay.readlink(self.overlay.node(inode))
+
+    @fuse_op
+    def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        # default_permissions: the kernel checks mode bits itself before asking us.
+        return True
+
+    # -- directories -------------------------------------------------------------------------
+
+    @fuse_op
+    def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
+        return pyfuse3.FileHandleT(self.overlay.opendir(self.overlay.node(inode)))
+
+    @fuse_op
+    def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        ov = self.overlay
+        dh = ov.dir_handle(fh)
+        parent = dh.node
+        # Offsets: 1 and 2 are "." and "..", entry i of the snapshot is i + 3.
+        # "." and ".." are not counted as lookups (the kernel does not link them).
+        for offset, node in ((1, parent), (2, parent.parent or parent)):
+            if start_id < offset and not pyfuse3.readdir_reply(
+                    token, b"." * offset, self._entry(node, ov.stat(node)), offset):
+                return
+        for index in range(max(start_id - 2, 0), len(dh.names)):
+            name = dh.names[index]
+            hit = ov.lookup(parent, name)
+            if hit is None:
+                continue  # gone since opendir
+            node, st = hit
+            if not pyfuse3.readdir_reply(token, name, self._entry(node, st), index + 3):
+                return
+            ov.remember(node)  # readdir_reply accepted it: the kernel counts one lookup
+
+    @fuse_op
+    def releasedir(self, fh: int) -> None:
+        self.overlay.releasedir(fh)
+
+    # -- files -------------------------------------------------------------------------------
+
+    @fuse_op
+    def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        handle = self.overlay.open(self.overlay.node(inode), flags)
+        # Changes only reach files through us, so cached pages stay valid across opens.
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fd), keep_cache=True)
+
+    @fuse_op
+    def read(self, fh: int, off: int, size: int) -> bytes:
+        return self.overlay.read(fh, off, size)
+
+    @fuse_op
+    def flush(self, fh: int) -> None:
+        self.overlay.handle(fh)
+
+    @fuse_op
+    def release(self, fh: int) -> None:
+        self.overlay.release(fh)
+
+    # -- xattrs and the filesystem -------------------------------------------------------------
+
+    @fuse_op
+    def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        return self.overlay.getxattr(self.overlay.node(inode), name)
+
+    @fuse_op
+    def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
+        return self.overlay.listxattr(self.overlay.node(inode))
+
+    @fuse_op
+    def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        sv = self.overlay.statfs()
+        data = pyfuse3.StatvfsData()
+        data.f_bsize = sv.f_bsize
+        data.f_frsize = sv.f_frsize
+        data.f_blocks = sv.f_blocks
+        data.f_bfree = sv.f_bfree
+        data.f_bavail = sv.f_bavail
+        data.f_files = sv.f_files
+        data.f_ffree = sv.f_ffree
+        data.f_favail = sv.f_favail
+        data.f_namemax = sv.f_namemax
+        return data
+
+    # -- changes (the write path lands with the copy-up issue) --------------------------------
+
+    def _refuse(self) -> None:
+        raise ReadOnly("read-only mount")

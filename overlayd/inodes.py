@@ -1,0 +1,93 @@
+"""The inode table: FUSE inode numbers to merged-tree nodes, with exact lookup counts.
+
+Pure and synchronous. pyfuse3's contract: every successful lookup, create, mkdir, mknod, symlink,
+link and every readdirplus entry the kernel accepted adds one to the inode's lookup count; forget
+subtracts. A node leaves the table when its count reaches zero, and only then (the root never
+leaves). A node knows where it is in the merged tree (parent node and name) and the layers that
+hold it; directory nodes cache one open dir fd per layer, closed when the node leaves.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+ROOT_INODE = 1  # FUSE's fixed root node id (pyfuse3.ROOT_INODE), kept here for the pure core
+
+
+class Node:
+    """An object of the merged tree."""
+
+    __slots__ = ("fds", "ino", "is_dir", "layers", "lookups", "name", "parent")
+
+    def __init__(self, ino: int, parent: Node | None, name: bytes, layers: tuple[int, ...],
+                 is_dir: bool) -> None:
+        self.ino = ino
+        self.parent = parent  # a strong reference: a child can always reach its layers' dirs
+        self.name = name
+        self.layers = layers  # top first; one layer for a non-directory
+        self.is_dir = is_dir
+        self.lookups = 0
+        self.fds: dict[int, int] = {}  # layer index -> open dir fd (directories only)
+
+    @property
+    def top(self) -> int:
+        return self.layers[0]
+
+    def close_fds(self) -> None:
+        fds, self.fds = self.fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"<Node {self.ino} {self.name!r} layers={self.layers} lookups={self.lookups}>"
+
+
+class InodeTable:
+    """Inode number -> Node for every node the kernel knows about."""
+
+    def __init__(self, root: Node) -> None:
+        assert root.ino == ROOT_INODE
+        self.root = root
+        self._nodes: dict[int, Node] = {ROOT_INODE: root}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __iter__(self) -> Iterator[Node]:
+        return iter(self._nodes.values())
+
+    def get(self, ino: int) -> Node | None:
+        return self._nodes.get(ino)
+
+    def remember(self, node: Node) -> None:
+        """Count one more kernel reference to *node* (a lookup, create, readdirplus entry...)."""
+        known = self._nodes.setdefault(node.ino, node)
+        assert known is node, f"two nodes for inode {node.ino}: {known!r} and {node!r}"
+        node.lookups += 1
+
+    def forget(self, ino: int, nlookup: int) -> Node | None:
+        """Drop *nlookup* references; return the node if it left the table."""
+        node = self._nodes.get(ino)
+        if node is None:
+            return None
+        node.lookups -= nlookup
+        if node.lookups < 0:
+            # The kernel forgot more than we counted: a bookkeeping bug, but never let it
+            # go negative for the rest of the mount's life.
+            node.lookups = 0
+            raise AssertionError(f"lookup count of inode {ino} below zero")
+        if node.lookups == 0 and node is not self.root:
+            del self._nodes[ino]
+            node.close_fds()
+            return node
+        return None
+
+    def check_invariants(self) -> None:
+        assert self._nodes.get(ROOT_INODE) is self.root
+        for ino, node in self._nodes.items():
+            assert node.ino == ino
+            assert node is self.root or node.lookups > 0, node
+            assert node.layers, node
+            assert node.is_dir or not node.fds, node
+            assert node.is_dir or len(node.layers) == 1, node

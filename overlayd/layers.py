@@ -1,0 +1,130 @@
+"""The layer stack: resolving a name through the layers and listing merged directories.
+
+Pure and synchronous; it never imports pyfuse3. A merged directory is a sequence of real
+directories, top layer first, each given as ``(layer index, open dir fd)``. The rules are the
+kernel's (fs/overlayfs/namei.c, readdir.c):
+
+- the first layer, top down, holding the name wins;
+- a whiteout (char 0/0, or ``.wh.NAME`` beside it) hides the name in every layer below;
+- a directory merges with same-named directories below until one is opaque (included, then the
+  search stops) or a non-directory is met (excluded, the search stops);
+- a non-directory on top ends the search.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from overlayd.constants import OPAQUE_MARKER, WHITEOUT_PREFIX
+from overlayd.ondisk import fd_path, has_oci_whiteout, is_opaque_dir, is_whiteout
+
+DirStack = Sequence[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One layer of the stack. Index 0 is the top: the upper layer when there is one."""
+
+    index: int
+    path: bytes
+    fd: int
+    dev: int
+    fsidx: int  # index of the layer's filesystem among the stack's distinct filesystems
+    upper: bool
+
+
+@dataclass(frozen=True)
+class Found:
+    """A name resolved through a directory stack."""
+
+    layers: tuple[int, ...]  # the layers holding the object, top first (one for non-dirs)
+    st: os.stat_result  # the top object's stat
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+
+def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None
+
+
+def resolve(dirs: DirStack, name: bytes) -> Found | None:
+    """Resolve *name* in the merged directory *dirs*; None when the merged view has no such name."""
+    if name.startswith(WHITEOUT_PREFIX):
+        return None  # whiteout files and opaque markers are never part of the merged view
+    top: os.stat_result | None = None
+    found: list[int] = []
+    for index, dir_fd in dirs:
+        st = _lstat_at(dir_fd, name)
+        if st is None:
+            if has_oci_whiteout(dir_fd, name):
+                break
+            continue
+        if is_whiteout(st):
+            break
+        if not stat.S_ISDIR(st.st_mode):
+            if top is None:
+                top = st
+                found.append(index)
+            break  # a non-dir on top ends the search; below a dir it ends the merge
+        if top is None:
+            top = st
+        found.append(index)
+        if is_opaque_dir(fd_path(dir_fd, name)):
+            break
+    if top is None:
+        return None
+    return Found(tuple(found), top)
+
+
+def list_merged(dirs: DirStack) -> list[bytes]:
+    """The names of the merged directory *dirs*, top layer's first, without whiteouts."""
+    names: list[bytes] = []
+    seen: set[bytes] = set()  # names shown, and names hidden by a whiteout above
+    for _index, dir_fd in dirs:
+        hidden: list[bytes] = []
+        # scandir dups the fd and rewinds it, so the cached fd stays usable.
+        with os.scandir(dir_fd) as it:
+            for entry in it:
+                name = os.fsencode(entry.name)
+                if name.startswith(WHITEOUT_PREFIX):
+                    if name != OPAQUE_MARKER:
+                        hidden.append(name[len(WHITEOUT_PREFIX):])
+                    continue
+                if name in seen:
+                    continue
+                if not (entry.is_dir(follow_symlinks=False) or entry.is_file(follow_symlinks=False)
+                        or entry.is_symlink()):
+                    # A device, fifo or socket: only a stat tells a whiteout (char 0/0).
+                    try:
+                        st = entry.stat(follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if is_whiteout(st):
+                        hidden.append(name)
+                        continue
+                names.append(name)
+                seen.add(name)
+        # A layer's whiteouts hide names of the layers below it, never its own.
+        seen.update(hidden)
+    return names
+
+
+def open_dir_at(dir_fd: int, name: bytes) -> int:
+    """Open the real directory *name* in *dir_fd*, refusing to follow a symlink."""
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   dir_fd=dir_fd)
+
+
+def is_missing(e: OSError) -> bool:
+    return e.errno in (errno.ENOENT, errno.ENOTDIR)

@@ -1,0 +1,94 @@
+"""The overlay's on-disk formats: whiteouts, opaque directories and private xattrs.
+
+Pure and synchronous. Every object is named by a directory fd and a bytes name; xattrs are read
+through ``/proc/self/fd/DIRFD/NAME`` without following the last component, which works for every
+file type (symlinks included) without ever joining a name into a host path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+from overlayd.constants import (
+    OPAQUE_MARKER,
+    OPAQUE_VALUE,
+    OPAQUE_XATTRS,
+    PRIVATE_XATTR_PREFIXES,
+    WHITEOUT_PREFIX,
+)
+
+
+def fd_path(dir_fd: int, name: bytes | None = None) -> bytes:
+    """A path naming *name* inside the directory *dir_fd* (or the directory itself)."""
+    base = b"/proc/self/fd/%d" % dir_fd
+    return base if name is None else base + b"/" + name
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    """The kernel's whiteout: a character device with device number 0/0."""
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def is_private_xattr(name: bytes) -> bool:
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+def is_hidden_name(name: bytes) -> bool:
+    """Names that are never shown in the merged view: OCI/AUFS whiteouts and opaque markers."""
+    return name.startswith(WHITEOUT_PREFIX)
+
+
+def whiteout_target(name: bytes) -> bytes | None:
+    """For an OCI whiteout file ``.wh.NAME``, the NAME it hides; None for the opaque marker."""
+    if name == OPAQUE_MARKER or not name.startswith(WHITEOUT_PREFIX):
+        return None
+    return name[len(WHITEOUT_PREFIX):]
+
+
+def has_oci_whiteout(dir_fd: int, name: bytes) -> bool:
+    """Whether the directory holds ``.wh.NAME`` (the OCI/AUFS whiteout format)."""
+    try:
+        os.stat(WHITEOUT_PREFIX + name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        if e.errno == errno.ENAMETOOLONG:
+            return False  # NAME is 252+ bytes: no whiteout for it can exist
+        raise
+    return True
+
+
+def is_opaque_dir(path: bytes, dir_fd_of_dir: int | None = None) -> bool:
+    """Whether the directory at *path* (from :func:`fd_path`) is opaque, in any format we read.
+
+    Formats: ``trusted.overlay.opaque=y`` (the kernel's), ``user.overlay.opaque=y`` (the kernel's
+    with userxattr), ``user.fuseoverlayfs.opaque=y`` (fuse-overlayfs) and a ``.wh..wh..opq``
+    entry (OCI). *dir_fd_of_dir*, when the directory is already open, saves a lookup.
+    """
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        names = []
+    for xname in names:
+        bname = os.fsencode(xname)
+        if bname in OPAQUE_XATTRS:
+            try:
+                value = os.getxattr(path, xname, follow_symlinks=False)
+            except OSError as e:
+                if e.errno == errno.ENODATA:
+                    continue
+                raise
+            if value == OPAQUE_VALUE:
+                return True
+    try:
+        if dir_fd_of_dir is not None:
+            os.stat(OPAQUE_MARKER, dir_fd=dir_fd_of_dir, follow_symlinks=False)
+        else:
+            os.stat(path + b"/" + OPAQUE_MARKER, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True

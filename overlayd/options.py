@@ -1,0 +1,222 @@
+"""Mount options: parse ``-o`` strings into a frozen MountOptions and validate it.
+
+Pure apart from the stat calls of validation; raises UsageError with one line naming the problem.
+Policy (shared/DESIGN.md section 1): refuse what we do not know, so a typo never silently changes
+semantics; know everything real callers send (mount(8)/mount.fuse3, podman's containers/storage,
+fuse-overlayfs's own options); ignore empty items.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from overlayd.constants import MAX_LAYERS
+from overlayd.errors import UsageError
+
+# mount(8) flags that libfuse applies to the mount itself.
+FUSE_MOUNT_FLAGS = frozenset({
+    "rw", "ro", "dev", "nodev", "suid", "nosuid", "exec", "noexec", "sync", "async", "dirsync",
+    "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime", "strictatime",
+    "nostrictatime", "lazytime", "nolazytime",
+})
+# libfuse options a caller may pass through.
+FUSE_PASSTHROUGH = frozenset({"allow_other", "allow_root", "default_permissions", "auto_unmount"})
+# Accepted and without effect for us: mount(8) bookkeeping and SELinux labels
+# (FUSE mounts cannot carry them), and the kernel's defaults that are what we implement.
+IGNORED_FLAGS = frozenset({
+    "_netdev", "auto", "noauto", "user", "nouser", "users", "owner", "nofail", "defaults",
+    "silent", "loud",
+})
+IGNORED_KEYS = frozenset({"context", "fscontext", "defcontext", "rootcontext", "comment"})
+# Kernel options whose value must be the one we implement (the kernel's defaults here).
+PINNED = {
+    "redirect_dir": frozenset({"off", "nofollow"}),
+    "index": frozenset({"off"}),
+    "metacopy": frozenset({"off"}),
+    "nfs_export": frozenset({"off"}),
+    "xino": frozenset({"off", "auto", "on"}),  # we always number inodes xino-style
+    "uuid": frozenset({"on", "off", "null", "auto"}),
+}
+# Known, but not implemented yet: refused with a clear message rather than ignored.
+NOT_YET = frozenset({
+    "uidmapping", "gidmapping", "squash_to_root", "squash_to_uid", "squash_to_gid", "userxattr",
+})
+
+
+@dataclass(frozen=True)
+class MountOptions:
+    lowerdirs: tuple[bytes, ...]  # top first
+    upperdir: bytes | None = None
+    workdir: bytes | None = None
+    fuse_options: frozenset[str] = frozenset()
+    read_only: bool = False
+    fsync: bool = True  # volatile / fsync=0 trade durability away explicitly
+    ignored: tuple[str, ...] = field(default=())
+
+    @property
+    def writable(self) -> bool:
+        return self.upperdir is not None and not self.read_only
+
+
+def split_escaped(text: str, sep: str) -> list[str]:
+    """Split *text* at unescaped *sep*; a backslash escapes the next character."""
+    parts: list[str] = []
+    cur: list[str] = []
+    chars = iter(text)
+    for ch in chars:
+        if ch == "\\":
+            nxt = next(chars, None)
+            if nxt is None:
+                raise UsageError(f"trailing backslash in {text!r}")
+            cur.append(nxt)
+        elif ch == sep:
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def _split_options(text: str) -> list[str]:
+    """Split at unescaped commas, keeping the escapes for the lowerdir split after."""
+    items: list[str] = []
+    cur: list[str] = []
+    escaped = False
+    for ch in text:
+        if escaped:
+            cur.append("\\" + ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ",":
+            items.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    if escaped:
+        raise UsageError(f"trailing backslash in options {text!r}")
+    items.append("".join(cur))
+    return items
+
+
+def _unescape(value: str) -> str:
+    return "".join(split_escaped(value, "\0"))
+
+
+def parse_options(option_strings: Iterable[str]) -> MountOptions:
+    """Parse one or more ``-o`` strings. Does not touch the filesystem."""
+    lowers: tuple[bytes, ...] | None = None
+    upper: bytes | None = None
+    work: bytes | None = None
+    fuse: set[str] = set()
+    read_only = False
+    fsync = True
+    ignored: list[str] = []
+    for text in option_strings:
+        for item in _split_options(text):
+            if not item:
+                continue  # podman passes empty items (",,", a trailing ",")
+            key, has_value, value = item.partition("=")
+            if key == "lowerdir":
+                parts = split_escaped(value, ":")
+                if not value or any(p == "" for p in parts):
+                    raise UsageError(f"lowerdir has an empty element: {value!r}")
+                lowers = tuple(os.fsencode(p) for p in parts)
+            elif key == "upperdir":
+                upper = os.fsencode(_unescape(value)) if value else None
+                if upper is None:
+                    raise UsageError("upperdir= is empty")
+            elif key == "workdir":
+                work = os.fsencode(_unescape(value)) if value else None
+                if work is None:
+                    raise UsageError("workdir= is empty")
+            elif not has_value and key in FUSE_MOUNT_FLAGS:
+                fuse.add(key)
+                if key in ("ro", "rw"):
+                    read_only = key == "ro"
+                    fuse.discard("rw" if key == "ro" else "ro")
+            elif not has_value and key in FUSE_PASSTHROUGH:
+                fuse.add(key)
+            elif key == "fsname" and has_value:
+                fuse.add(item)
+            elif key == "volatile" and not has_value:
+                fsync = False
+            elif key == "fsync" and value in ("0", "1"):
+                fsync = value == "1"
+            elif (not has_value and key in IGNORED_FLAGS) or key.startswith("x-") or (
+                    has_value and key in IGNORED_KEYS):
+                ignored.append(item)
+            elif key in PINNED:
+                if value not in PINNED[key]:
+                    allowed = ", ".join(sorted(PINNED[key]))
+                    raise UsageError(f"option {item!r} is not supported ({key}= takes {allowed})")
+                ignored.append(item)
+            elif key in NOT_YET:
+                raise UsageError(f"option {key!r} is not supported yet")
+            else:
+                raise UsageError(f"unknown option {item!r}")
+    if lowers is None:
+        raise UsageError("missing lowerdir= option")
+    if upper is not None and work is None:
+        raise UsageError("upperdir= needs workdir=")
+    if work is not None and upper is None:
+        raise UsageError("workdir= needs upperdir=")
+    if len(lowers) + (upper is not None) > MAX_LAYERS:
+        raise UsageError(f"too many layers: {len(lowers)} lower layers (at most {MAX_LAYERS})")
+    return MountOptions(lowers, upper, work, frozenset(fuse), read_only, fsync, tuple(ignored))
+
+
+def _is_within(inner: bytes, outer: bytes) -> bool:
+    """Whether the real path *inner* is *outer* or lies below it."""
+    return inner == outer or inner.startswith(outer.rstrip(b"/") + b"/")
+
+
+def _stat_dir(what: str, path: bytes) -> os.stat_result:
+    shown = os.fsdecode(path)
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise UsageError(f"{what} {shown}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} {shown}: not a directory")
+    return st
+
+
+def validate(opts: MountOptions, mountpoint: bytes | None) -> None:
+    """Refuse, before anything is mounted, every combination that cannot work."""
+    if mountpoint is None:
+        raise UsageError("missing mountpoint")
+    for lower in opts.lowerdirs:
+        _stat_dir("lowerdir", lower)
+    mnt_real = os.path.realpath(mountpoint)
+    _stat_dir("mountpoint", mountpoint)
+    layers = [("lowerdir", p) for p in opts.lowerdirs]
+    if opts.upperdir is not None and opts.workdir is not None:
+        upper_st = _stat_dir("upperdir", opts.upperdir)
+        work_st = _stat_dir("workdir", opts.workdir)
+        if upper_st.st_dev != work_st.st_dev:
+            raise UsageError("workdir and upperdir must be on the same filesystem")
+        upper_real = os.path.realpath(opts.upperdir)
+        work_real = os.path.realpath(opts.workdir)
+        if _is_within(work_real, upper_real) or _is_within(upper_real, work_real):
+            raise UsageError("workdir and upperdir must be separate subtrees")
+        if not opts.read_only and not os.access(opts.upperdir, os.W_OK | os.X_OK):
+            raise UsageError(f"upperdir {os.fsdecode(opts.upperdir)}: not writable")
+        for _what, lower in layers:
+            # As the kernel: the upper and work trees must not overlap a lower layer.
+            lower_real = os.path.realpath(lower)
+            for name, real in (("upperdir", upper_real), ("workdir", work_real)):
+                if _is_within(real, lower_real) or _is_within(lower_real, real):
+                    raise UsageError(f"{name} overlaps lowerdir {os.fsdecode(lower)}")
+        layers += [("upperdir", opts.upperdir), ("workdir", opts.workdir)]
+    for what, path in layers:
+        real = os.path.realpath(path)
+        if _is_within(mnt_real, real):
+            raise UsageError(f"mountpoint {os.fsdecode(mountpoint)} is inside {what} "
+                             f"{os.fsdecode(path)}")
+        if _is_within(real, mnt_real):
+            raise UsageError(f"{what} {os.fsdecode(path)} is inside the mountpoint")

@@ -1,0 +1,151 @@
+"""Mounting helpers for the mounted test tiers.
+
+Every helper here undoes what it did in ``finally``: an overlayd mount is unmounted with
+``fusermount3 -u``, then ``-uz``, then its daemon (which the helper started itself) is terminated
+and killed; a kernel overlay mount is unmounted with ``umount``, then ``umount -l``. Nothing waits
+with a bare sleep: readiness is polled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+FUSERMOUNT = "fusermount3"
+READY_TIMEOUT = 30.0
+
+
+def mount_fstype(mountpoint: Path) -> str | None:
+    """The filesystem type mounted exactly at *mountpoint*, or None."""
+    target = os.path.realpath(mountpoint)
+    found = None
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.split()
+            sep = fields.index("-")
+            point = fields[4].encode().decode("unicode_escape")
+            if point == target:
+                found = fields[sep + 1]  # the last mount on top wins
+    return found
+
+
+def is_mounted(mountpoint: Path) -> bool:
+    return mount_fstype(mountpoint) is not None
+
+
+def poll(predicate: object, timeout: float, what: str) -> None:
+    """Call *predicate* until it returns true, or fail after *timeout* seconds."""
+    assert callable(predicate)
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.2)
+
+
+@dataclass
+class Daemon:
+    """A foreground overlayd process this test started, and its log."""
+
+    proc: subprocess.Popen[bytes]
+    mountpoint: Path
+    log_path: Path
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+def overlayd_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "overlayd", *args]
+
+
+def unmount_fuse(mountpoint: Path, proc: subprocess.Popen[bytes] | None) -> None:
+    """Unmount a FUSE mount we made: -u, then -uz, then end our own daemon."""
+    try:
+        if is_mounted(mountpoint):
+            subprocess.run([FUSERMOUNT, "-u", str(mountpoint)], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if is_mounted(mountpoint):
+            subprocess.run([FUSERMOUNT, "-uz", str(mountpoint)], check=False,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        if proc is not None:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+
+
+def check_log(text: str) -> None:
+    """S3QL's checklogs: a warning or a traceback in the daemon's log fails the test."""
+    bad = [line for line in text.splitlines()
+           if " WARNING " in line or " ERROR " in line or " CRITICAL " in line
+           or line.startswith("Traceback")]
+    assert not bad, "daemon logged problems:\n" + text
+
+
+@contextlib.contextmanager
+def overlayd_mounted(mountpoint: Path, options: str, *extra: str,
+                     check_logs: bool = True) -> Iterator[Daemon]:
+    """Run ``overlayd mount -f -o OPTIONS MOUNTPOINT`` and yield once the mount answers."""
+    log_path = mountpoint.parent / f".{mountpoint.name}.overlayd.log"
+    argv = overlayd_argv("mount", "-f", *extra, "-o", options, str(mountpoint))
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+    daemon = Daemon(proc, mountpoint, log_path)
+    try:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"overlayd exited with {proc.returncode}:\n{daemon.log()}")
+            return mount_fstype(mountpoint) == "fuse.overlayd"
+
+        poll(ready, READY_TIMEOUT, f"overlayd at {mountpoint}")
+        os.stat(mountpoint)  # the first access answers
+        yield daemon
+    finally:
+        unmount_fuse(mountpoint, proc)
+    if check_logs:
+        check_log(daemon.log())
+
+
+@contextlib.contextmanager
+def kernel_mounted(mountpoint: Path, options: str) -> Iterator[None]:
+    """Mount the kernel's overlayfs with *options* (root only) and unmount it afterwards."""
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(mountpoint)],
+                   check=True, capture_output=True)
+    try:
+        yield
+    finally:
+        if is_mounted(mountpoint):
+            subprocess.run(["umount", str(mountpoint)], check=False, capture_output=True)
+        if is_mounted(mountpoint):
+            subprocess.run(["umount", "-l", str(mountpoint)], check=False, capture_output=True)
+
+
+# The kernel's options pinned so the reference does not drift with module defaults.
+KERNEL_PINNED = "redirect_dir=off,index=off,metacopy=off,xino=off"
+
+
+def overlay_options(lowers: list[Path], upper: Path | None = None,
+                    work: Path | None = None) -> str:
+    opts = "lowerdir=" + ":".join(str(p) for p in lowers)
+    if upper is not None:
+        assert work is not None
+        opts += f",upperdir={upper},workdir={work}"
+    return opts
