@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# Shared set-up for scripts/demo and scripts/test: Debian packages, then the .venv with overlayd.
+#
+# Source it and call `overlayd_setup`, or run it directly. Safe to rerun: it installs Debian
+# packages only when one is missing and reinstalls the venv only when pyproject.toml changed.
+# Works as root with no stdin (CI=true), or as a user with sudo.
+# Set PYTHON to choose the interpreter for a new venv (default: python3, which must be >= 3.11).
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+VENV=$REPO/.venv
+VENV_STAMP=$VENV/.overlayd-installed
+
+# fuse3: fusermount3 and mount.fuse3; libfuse3-dev + pkg-config: pyfuse3's build;
+# attr: getfattr/setfattr, used by the tests and handy for looking at whiteouts.
+OVERLAYD_DEB_PACKAGES=(fuse3 libfuse3-dev pkg-config attr)
+OVERLAYD_MIN_PYTHON=(3 11)
+
+setup_say() { printf '==> %s\n' "$*"; }
+setup_die() { printf 'overlayd setup: %s\n' "$*" >&2; return 1; }
+
+setup_deb_installed() {
+    dpkg -s "$1" 2>/dev/null | grep -q '^Status: install ok installed'
+}
+
+# Succeed if $1 is a Python >= 3.11.
+setup_python_ok() {
+    "$1" -c 'import sys; sys.exit(sys.version_info[:2] < (int(sys.argv[1]), int(sys.argv[2])))' \
+        "${OVERLAYD_MIN_PYTHON[@]}" 2>/dev/null
+}
+
+setup_python_version() {
+    "$1" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null || echo "unknown"
+}
+
+# The Debian packages we need that are missing, one per line.
+setup_missing_packages() {
+    local p py=${PYTHON:-python3}
+    for p in "${OVERLAYD_DEB_PACKAGES[@]}"; do
+        setup_deb_installed "$p" || echo "$p"
+    done
+    # A new venv needs ensurepip (python3-venv on Debian), and pyfuse3 compiles a C extension
+    # (python3-dev, gcc). Only Debian's own python3 can be fixed with apt.
+    if ! command -v "$py" >/dev/null; then
+        echo python3
+        echo python3-venv
+        echo python3-dev
+    elif [[ $(command -v "$py") == /usr/bin/* ]]; then
+        "$py" -c 'import ensurepip, venv' 2>/dev/null || echo python3-venv
+        "$py" -c 'import os, sys, sysconfig
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+            2>/dev/null || echo python3-dev
+    fi
+    command -v cc >/dev/null || command -v gcc >/dev/null || echo gcc
+}
+
+setup_debian_packages() {
+    local missing
+    mapfile -t missing < <(setup_missing_packages | sort -u)
+    ((${#missing[@]})) || return 0
+    if ! command -v apt-get >/dev/null; then
+        setup_die "missing packages (not a Debian system, install them by hand): ${missing[*]}"
+        return
+    fi
+    local sudo=()
+    if ((EUID != 0)); then
+        if command -v sudo >/dev/null; then
+            sudo=(sudo)
+        else
+            setup_die "not root and no sudo: as root, run: apt-get install -y ${missing[*]}"
+            return
+        fi
+    fi
+    setup_say "installing Debian packages: ${missing[*]}"
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q || return
+    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" || return
+}
+
+setup_venv() {
+    local py=${PYTHON:-python3}
+    if [[ ! -e $VENV ]] || ! "$VENV/bin/python" -c '' 2>/dev/null; then
+        if ! command -v "$py" >/dev/null; then
+            setup_die "no $py found; overlayd needs Python >= 3.11 (set PYTHON=/path/to/python3)"
+            return
+        fi
+        if ! setup_python_ok "$py"; then
+            setup_die "overlayd needs Python >= 3.11; $py is $(setup_python_version "$py")" \
+                "(set PYTHON=/path/to/python3.11)"
+            return
+        fi
+        # --clear: an existing .venv whose Python no longer runs (moved, or its base removed).
+        if [[ -e $VENV ]]; then
+            setup_say "$VENV does not run: recreating it"
+        fi
+        setup_say "creating $VENV with $py ($(setup_python_version "$py"))"
+        rm -f "$VENV_STAMP"
+        "$py" -m venv --clear "$VENV" || return
+    fi
+    if ! setup_python_ok "$VENV/bin/python"; then
+        setup_die "$VENV has Python $(setup_python_version "$VENV/bin/python")," \
+            "overlayd needs >= 3.11: remove $VENV and rerun"
+        return
+    fi
+    if [[ ! -e $VENV_STAMP || $REPO/pyproject.toml -nt $VENV_STAMP || ! -x $VENV/bin/overlayd ]]; then
+        setup_say "installing overlayd and its test tools into $VENV (pip install -e '.[test]')"
+        "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "${REPO}[test]" || return
+        touch "$VENV_STAMP"
+    fi
+}
+
+setup_fuse_device() {
+    if [[ ! -c /dev/fuse ]]; then
+        printf 'overlayd setup: warning: no /dev/fuse (try: modprobe fuse); mounts will fail\n' >&2
+    elif [[ ! -r /dev/fuse || ! -w /dev/fuse ]] && ! command -v fusermount3 >/dev/null; then
+        printf 'overlayd setup: warning: /dev/fuse is not usable by %s and fusermount3 is missing\n' \
+            "$(id -un)" >&2
+    fi
+    return 0
+}
+
+overlayd_setup() {
+    setup_debian_packages || return
+    setup_venv || return
+    setup_fuse_device
+}
+
+if [[ ${BASH_SOURCE[0]} == "$0" ]]; then
+    set -euo pipefail
+    overlayd_setup
+fi
