@@ -17,7 +17,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 
 from overlayd.constants import ATTR_TIMEOUT, ENTRY_TIMEOUT, NEGATIVE_TIMEOUT
-from overlayd.errors import OverlayError, ReadOnly
+from overlayd.errors import OverlayError
 from overlayd.inodes import Node
 from overlayd.overlay import Overlay
 
@@ -198,7 +198,98 @@ class Operations(pyfuse3.Operations):
         data.f_namemax = sv.f_namemax
         return data
 
-    # -- changes (the write path lands with the copy-up issue) --------------------------------
+    # -- changes ------------------------------------------------------------------------------
 
-    def _refuse(self) -> None:
-        raise ReadOnly("read-only mount")
+    @staticmethod
+    def _owner(ctx: pyfuse3.RequestContext) -> tuple[int, int]:
+        return ctx.uid, ctx.gid
+
+    def _new_entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
+        self.overlay.remember(node)
+        return self._entry(node, st)
+
+    @fuse_op
+    def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+               ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        ov = self.overlay
+        handle, node, st = ov.create(ov.node(parent_inode), name, mode, flags, self._owner(ctx))
+        info = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fd), keep_cache=True)
+        return info, self._new_entry(node, st)
+
+    @fuse_op
+    def mkdir(self, parent_inode: int, name: bytes, mode: int,
+              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ov = self.overlay
+        return self._new_entry(*ov.mkdir(ov.node(parent_inode), name, mode, self._owner(ctx)))
+
+    @fuse_op
+    def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+              ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ov = self.overlay
+        return self._new_entry(*ov.mknod(ov.node(parent_inode), name, mode, rdev,
+                                         self._owner(ctx)))
+
+    @fuse_op
+    def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ov = self.overlay
+        return self._new_entry(*ov.symlink(ov.node(parent_inode), name, target,
+                                           self._owner(ctx)))
+
+    @fuse_op
+    def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+             ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ov = self.overlay
+        return self._new_entry(*ov.link(ov.node(inode), ov.node(new_parent_inode), new_name))
+
+    @fuse_op
+    def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.overlay.unlink(self.overlay.node(parent_inode), name)
+
+    @fuse_op
+    def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.overlay.rmdir(self.overlay.node(parent_inode), name)
+
+    @fuse_op
+    def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+               name_new: bytes, flags: int, ctx: pyfuse3.RequestContext) -> None:
+        ov = self.overlay
+        ov.rename(ov.node(parent_inode_old), name_old, ov.node(parent_inode_new), name_new, flags)
+
+    @fuse_op
+    def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        ov = self.overlay
+        node = ov.node(inode)
+        st = ov.setattr(
+            node,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+            fh=fh,
+        )
+        return self._entry(node, st)
+
+    @fuse_op
+    def setxattr(self, inode: int, name: bytes, value: bytes,
+                 ctx: pyfuse3.RequestContext) -> None:
+        self.overlay.setxattr(self.overlay.node(inode), name, value)
+
+    @fuse_op
+    def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self.overlay.removexattr(self.overlay.node(inode), name)
+
+    @fuse_op
+    def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.overlay.write(fh, off, buf)
+
+    @fuse_op
+    def fsync(self, fh: int, datasync: bool) -> None:
+        self.overlay.fsync(fh, datasync)
+
+    @fuse_op
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        self.overlay.fsyncdir(self.overlay.dir_handle(fh).node)

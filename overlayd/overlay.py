@@ -7,20 +7,27 @@ awaits: the adapter (fs.py) calls it from the trio thread, one request at a time
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from overlayd import copyup
 from overlayd.constants import (
+    OPAQUE_XATTRS,
     SYNTHETIC_INO_BASE,
+    WHITEOUT_PREFIX,
     XINO_SHIFT,
 )
 from overlayd.errors import OverlayError, ReadOnly
 from overlayd.inodes import ROOT_INODE, InodeTable, Node
 from overlayd.layers import DirStack, Found, Layer, list_merged, open_dir_at, resolve
-from overlayd.ondisk import fd_path, is_private_xattr
+from overlayd.ondisk import fd_path, is_private_xattr, is_whiteout
 from overlayd.options import MountOptions
+from overlayd.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,17 @@ class Overlay:
         self.dir_handles: dict[int, DirHandle] = {}
         self._next_dh = 1
         self._synthetic: dict[tuple[int, int], int] = {}
+        # Copied-up objects keep the inode number of their origin (as the kernel's do).
+        self._origin_ino: dict[tuple[int, int], int] = {}
+        self.work_fd = -1
+        if self.upper is not None and opts.workdir is not None:
+            wfd = os.open(opts.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self.work_fd = copyup.open_workdir(wfd)
+            finally:
+                os.close(wfd)
+        # The kernel's format when privileged; user.overlay.* (its userxattr format) otherwise.
+        self.opaque_xattr = OPAQUE_XATTRS[0] if os.geteuid() == 0 else OPAQUE_XATTRS[1]
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -89,6 +107,8 @@ class Overlay:
         self.table.root.fds = {}
         for layer in self.layers:
             os.close(layer.fd)
+        if self.work_fd >= 0:
+            os.close(self.work_fd)
 
     # -- nodes -------------------------------------------------------------------------------
 
@@ -102,6 +122,10 @@ class Overlay:
     def ino_for(self, layer: int, st: os.stat_result) -> int:
         """The inode number of a real object: its own, tagged with its filesystem (xino)."""
         fsidx = self.layers[layer].fsidx
+        if layer == 0 and self._origin_ino:
+            origin = self._origin_ino.get((st.st_dev, st.st_ino))
+            if origin is not None:
+                return origin
         if st.st_ino < (1 << XINO_SHIFT) and (fsidx or st.st_ino != ROOT_INODE):
             return (fsidx << XINO_SHIFT) | st.st_ino
         key = (st.st_dev, st.st_ino)
@@ -197,7 +221,7 @@ class Overlay:
         if node.is_dir:
             raise OverlayError("is a directory", errno.EISDIR)
         if flags & WRITE_FLAGS:
-            self._need_writable()
+            self.copy_up(node, data=not flags & os.O_TRUNC)
         assert node.parent is not None
         fd = os.open(node.name, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
                      | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd(node.parent, node.top))
@@ -240,3 +264,318 @@ class Overlay:
     def _need_writable(self) -> None:
         if not self.opts.writable:
             raise ReadOnly("read-only mount")
+
+    def upper_dir_fd(self, node: Node) -> int:
+        """The node's directory in the upper layer, copied up (parents first) if need be."""
+        self.copy_up(node)
+        return self.dir_fd(node, 0)
+
+    def copy_up(self, node: Node, *, data: bool = True) -> None:
+        """Give *node* an upper object: a metadata copy for directories, a full one otherwise."""
+        self._need_writable()
+        if node.top == 0:
+            return
+        parent = node.parent
+        assert parent is not None  # the root holds the upper layer whenever there is one
+        dst = self.upper_dir_fd(parent)
+        src = self.dir_fd(parent, node.top)
+        st = os.stat(node.name, dir_fd=src, follow_symlinks=False)
+        copyup.copy_up(src, node.name, st, self.work_fd, dst, data=data, fsync=self.opts.fsync)
+        new = os.stat(node.name, dir_fd=dst, follow_symlinks=False)
+        self._origin_ino[(new.st_dev, new.st_ino)] = node.ino
+        node.layers = (0, *node.layers) if node.is_dir else (0,)
+        log.debug("copied up %r", node)
+
+    def _at(self, parent: Node, name: bytes) -> Node:
+        """The node named *name* in *parent*, pointed at that name (hard links have several)."""
+        hit = self.lookup(parent, name)
+        if hit is None:
+            raise OverlayError("no such entry", errno.ENOENT)
+        node = hit[0]
+        if node.parent is not parent or node.name != name:
+            node.parent, node.name = parent, name
+        return node
+
+    def _lower_positive(self, parent: Node, name: bytes) -> bool:
+        """Whether a lower layer shows *name* in *parent* (removing it then needs a whiteout)."""
+        lower = [(i, fd) for i, fd in self.dir_stack(parent) if i != 0]
+        return bool(lower) and resolve(lower, name) is not None
+
+    def _make_whiteout(self, dir_fd: int, name: bytes) -> None:
+        try:
+            os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
+        except PermissionError:
+            # mknod of 0/0 refused (kernels before 5.8 in a user namespace): the OCI format.
+            os.close(os.open(WHITEOUT_PREFIX + name,
+                             os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600,
+                             dir_fd=dir_fd))
+
+    def _new_object(self, parent: Node, name: bytes, make: Callable[[int, bytes], None],
+                    owner: tuple[int, int] | None, is_dir: bool) -> os.stat_result:
+        """Publish a new object at *name*, replacing an upper whiteout atomically."""
+        pfd = self.upper_dir_fd(parent)
+        if self.lookup(parent, name) is not None:
+            raise OverlayError("exists", errno.EEXIST)
+        pst = os.fstat(pfd)
+        sgid = bool(pst.st_mode & stat.S_ISGID)
+
+        def build(dir_fd: int, n: bytes) -> None:
+            make(dir_fd, n)
+            if owner is not None:
+                # A setgid directory hands its group down, as the upper filesystem would.
+                uid, gid = owner[0], pst.st_gid if sgid else owner[1]
+                os.chown(n, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                if is_dir and sgid:
+                    mode = os.stat(n, dir_fd=dir_fd).st_mode
+                    os.chmod(n, stat.S_IMODE(mode) | stat.S_ISGID, dir_fd=dir_fd)
+
+        existing = _lstat(pfd, name)
+        if existing is None:
+            build(pfd, name)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(WHITEOUT_PREFIX + name, dir_fd=pfd)  # an OCI whiteout above nothing
+        elif is_whiteout(existing):
+            # The kernel's ovl_create_over_whiteout: build in the workdir, exchange with the
+            # whiteout, drop the whiteout. A directory made over a whiteout is opaque.
+            def build_over(dir_fd: int, n: bytes) -> None:
+                build(dir_fd, n)
+                if is_dir:
+                    copyup.set_opaque(fd_path(dir_fd, n), self.opaque_xattr)
+
+            tmp = copyup.build_in_work(self.work_fd, build_over)
+            renameat2(self.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
+            os.unlink(tmp, dir_fd=self.work_fd)
+        else:
+            raise OverlayError("exists in upper", errno.EEXIST)
+        return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+
+    def _published(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
+        is_dir = stat.S_ISDIR(st.st_mode)
+        return Node(self.ino_for(0, st), parent, name, (0,), is_dir)
+
+    def create(self, parent: Node, name: bytes, mode: int, flags: int,
+               owner: tuple[int, int]) -> tuple[Handle, Node, os.stat_result]:
+        fds: list[int] = []
+        oflags = ((flags & ~(os.O_TRUNC | os.O_NOCTTY)) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                  | os.O_CLOEXEC)
+
+        def make(dir_fd: int, n: bytes) -> None:
+            fds.append(os.open(n, oflags, stat.S_IMODE(mode), dir_fd=dir_fd))
+
+        try:
+            st = self._new_object(parent, name, make, owner, False)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        node = self._published(parent, name, st)
+        handle = Handle(fds[0], node)
+        self.handles[handle.fd] = handle
+        return handle, node, st
+
+    def mkdir(self, parent: Node, name: bytes, mode: int,
+              owner: tuple[int, int]) -> tuple[Node, os.stat_result]:
+        def make(dir_fd: int, n: bytes) -> None:
+            os.mkdir(n, stat.S_IMODE(mode), dir_fd=dir_fd)
+
+        st = self._new_object(parent, name, make, owner, True)
+        return self._published(parent, name, st), st
+
+    def symlink(self, parent: Node, name: bytes, target: bytes,
+                owner: tuple[int, int]) -> tuple[Node, os.stat_result]:
+        def make(dir_fd: int, n: bytes) -> None:
+            os.symlink(target, n, dir_fd=dir_fd)
+
+        st = self._new_object(parent, name, make, owner, False)
+        return self._published(parent, name, st), st
+
+    def mknod(self, parent: Node, name: bytes, mode: int, rdev: int,
+              owner: tuple[int, int]) -> tuple[Node, os.stat_result]:
+        def make(dir_fd: int, n: bytes) -> None:
+            os.mknod(n, mode, rdev, dir_fd=dir_fd)
+
+        st = self._new_object(parent, name, make, owner, False)
+        return self._published(parent, name, st), st
+
+    def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
+        if node.is_dir:
+            raise OverlayError("hard link to a directory", errno.EPERM)
+        self.copy_up(node)  # as the kernel with index=off: the link is made to the upper copy
+        assert node.parent is not None
+        src_fd = self.dir_fd(node.parent, 0)
+
+        def make(dir_fd: int, n: bytes) -> None:
+            os.link(node.name, n, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+
+        st = self._new_object(parent, name, make, None, False)
+        return node, st
+
+    def unlink(self, parent: Node, name: bytes) -> None:
+        node = self._at(parent, name)
+        if node.is_dir:
+            raise OverlayError("is a directory", errno.EISDIR)
+        self._remove(parent, name, node)
+
+    def rmdir(self, parent: Node, name: bytes) -> None:
+        node = self._at(parent, name)
+        if not node.is_dir:
+            raise OverlayError("not a directory", errno.ENOTDIR)
+        if list_merged(self.dir_stack(node)):
+            raise OverlayError("directory not empty", errno.ENOTEMPTY)
+        self._remove(parent, name, node)
+
+    def _remove(self, parent: Node, name: bytes, node: Node) -> None:
+        pfd = self.upper_dir_fd(parent)
+        lower = self._lower_positive(parent, name)
+        if node.top != 0:
+            self._make_whiteout(pfd, name)  # only below: a whiteout is all the upper needs
+        elif lower:
+            # The kernel's ovl_remove_and_whiteout: exchange the upper object with a fresh
+            # whiteout, then drop the object (for a directory: its leftover whiteouts too).
+            tmp = copyup.build_in_work(self.work_fd, self._make_whiteout)
+            renameat2(self.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
+            copyup.remove_tree(self.work_fd, tmp)
+        elif node.is_dir:
+            self._clear_dir(node)
+            os.rmdir(name, dir_fd=pfd)
+        else:
+            os.unlink(name, dir_fd=pfd)
+        if node.is_dir:
+            node.close_fds()
+
+    def _clear_dir(self, node: Node) -> None:
+        """Empty the upper directory of a merged-empty node: only whiteouts can be left in it."""
+        fd = self.dir_fd(node, 0)
+        for child in os.listdir(fd):
+            copyup.remove_tree(fd, os.fsencode(child))
+
+    def rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
+               flags: int) -> None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
+            raise OverlayError("unsupported rename flags", errno.EINVAL)
+        src = self._at(old_parent, old_name)
+        hit = self.lookup(new_parent, new_name)
+        dst = hit[0] if hit is not None else None
+        if flags & RENAME_NOREPLACE and dst is not None:
+            raise OverlayError("target exists", errno.EEXIST)
+        if flags & RENAME_EXCHANGE and dst is None:
+            raise OverlayError("no target to exchange with", errno.ENOENT)
+        for node in (src, dst if flags & RENAME_EXCHANGE else None):
+            # redirect_dir=off, the kernel's default: a directory with lower parts cannot move;
+            # callers such as mv fall back to copying.
+            if node is not None and node.is_dir and (node.top != 0 or len(node.layers) > 1):
+                raise OverlayError("merged or lower directory", errno.EXDEV)
+        if dst is src and old_parent is new_parent and old_name == new_name:
+            return
+        opfd = self.upper_dir_fd(old_parent)
+        npfd = self.upper_dir_fd(new_parent)
+        self.copy_up(src)
+        if flags & RENAME_EXCHANGE:
+            assert dst is not None
+            dst = self._at(new_parent, new_name)
+            self.copy_up(dst)
+            renameat2(opfd, old_name, npfd, new_name, RENAME_EXCHANGE)
+            for node, parent, name in ((src, new_parent, new_name), (dst, old_parent, old_name)):
+                node.parent, node.name = parent, name
+                if node.is_dir and self._lower_positive(parent, name):
+                    copyup.set_opaque(self.xattr_path(node), self.opaque_xattr)
+            return
+        if dst is not None:
+            if dst.is_dir and not src.is_dir:
+                raise OverlayError("target is a directory", errno.EISDIR)
+            if src.is_dir and not dst.is_dir:
+                raise OverlayError("target is not a directory", errno.ENOTDIR)
+            if dst.is_dir:
+                if list_merged(self.dir_stack(dst)):
+                    raise OverlayError("target directory not empty", errno.ENOTEMPTY)
+                if dst.top == 0:
+                    self._clear_dir(dst)
+        if src.is_dir:
+            if self._lower_positive(new_parent, new_name):
+                # Lower entries at the new name must not merge into the moved directory.
+                copyup.set_opaque(self.xattr_path(src), self.opaque_xattr)
+            there = _lstat(npfd, new_name)
+            if there is not None and is_whiteout(there):
+                os.unlink(new_name, dir_fd=npfd)  # a directory cannot replace a device
+        if self._lower_positive(old_parent, old_name):
+            try:
+                renameat2(opfd, old_name, npfd, new_name, RENAME_WHITEOUT)
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EINVAL):
+                    raise
+                renameat2(opfd, old_name, npfd, new_name)
+                self._make_whiteout(opfd, old_name)
+        else:
+            renameat2(opfd, old_name, npfd, new_name)
+        if dst is not None and dst.is_dir:
+            dst.close_fds()
+        src.parent, src.name = new_parent, new_name
+
+    def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None, fh: int | None = None) -> os.stat_result:
+        self.copy_up(node, data=size != 0)
+        if node.parent is None:
+            path, dir_fd, name = None, self.layers[0].fd, None
+        else:
+            dir_fd, name = self.dir_fd(node.parent, 0), node.name
+            path = fd_path(dir_fd, name)
+        target: bytes | int = path if path is not None else dir_fd
+        if uid is not None or gid is not None:
+            os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
+                     follow_symlinks=False)
+        if mode is not None:
+            if stat.S_ISLNK(self.stat(node).st_mode):
+                raise OverlayError("chmod of a symlink", errno.EOPNOTSUPP)
+            os.chmod(target, stat.S_IMODE(mode))
+        if size is not None:
+            handle = self.handles.get(fh) if fh is not None else None
+            if handle is not None and handle.node is node:
+                os.ftruncate(handle.fd, size)
+            else:
+                assert name is not None
+                fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+        if atime_ns is not None or mtime_ns is not None:
+            st = self.stat(node)
+            times = (st.st_atime_ns if atime_ns is None else atime_ns,
+                     st.st_mtime_ns if mtime_ns is None else mtime_ns)
+            os.utime(target, ns=times, follow_symlinks=False)
+        return self.stat(node)
+
+    def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+        if is_private_xattr(name):
+            raise OverlayError("private xattr", errno.EOPNOTSUPP)
+        self.copy_up(node)
+        os.setxattr(self.xattr_path(node), name, value, follow_symlinks=False)
+
+    def removexattr(self, node: Node, name: bytes) -> None:
+        if is_private_xattr(name):
+            raise OverlayError("private xattr", errno.EOPNOTSUPP)
+        self.getxattr(node, name)  # ENODATA before any copy-up, as the kernel answers
+        self.copy_up(node)
+        os.removexattr(self.xattr_path(node), name, follow_symlinks=False)
+
+    def write(self, fh: int, offset: int, data: bytes) -> int:
+        return os.pwrite(self.handle(fh).fd, data, offset)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self.handle(fh).fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    def fsyncdir(self, node: Node) -> None:
+        if 0 in node.layers and self.upper is not None:
+            os.fsync(self.dir_fd(node, 0))
+
+
+def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
