@@ -1,0 +1,149 @@
+"""Mounted tier: the daemon's life: readiness, daemon mode, signals, umount, read-only."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_fuse
+from tests.mounting import (
+    READY_TIMEOUT,
+    check_log,
+    mount_fstype,
+    overlay_options,
+    overlayd_argv,
+    overlayd_mounted,
+    poll,
+    unmount_fuse,
+)
+
+pytestmark = [pytest.mark.mounted, needs_fuse]
+
+
+def daemons_serving(mountpoint: Path) -> list[int]:
+    """Pids of overlayd processes whose command line names *mountpoint* (the ones we started)."""
+    pids = []
+    target = os.fsencode(str(mountpoint))
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != b"Z" and target in argv and any(b"overlayd" in a for a in argv):
+            pids.append(int(entry))
+    return pids
+
+
+def test_daemon_mode_is_ready_on_return_and_umount_ends_it(stack: dict[str, Path]) -> None:
+    (stack["lower1"] / "hello").write_text("hi\n")
+    opts = overlay_options([stack["lower1"], stack["lower2"]], stack["upper"], stack["work"])
+    mnt = stack["mnt"]
+    log = stack["work"].parent / "daemon.log"
+    proc = subprocess.run(overlayd_argv("mount", "--log", str(log), "-o", opts, str(mnt)),
+                          capture_output=True, text=True, timeout=READY_TIMEOUT, check=False)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stderr == ""
+        # No polling: the mount answers the moment `mount` has returned.
+        assert (mnt / "hello").read_text() == "hi\n"
+        assert mount_fstype(mnt) == "fuse.overlayd"
+        assert daemons_serving(mnt), "no daemon serves the mount"
+        umount = subprocess.run(overlayd_argv("umount", str(mnt)), capture_output=True,
+                                text=True, timeout=30, check=False)
+        assert umount.returncode == 0, umount.stderr
+        assert mount_fstype(mnt) is None
+        poll(lambda: not daemons_serving(mnt), 10, "the daemon to exit after umount")
+    finally:
+        unmount_fuse(mnt, None)
+        for pid in daemons_serving(mnt):
+            os.kill(pid, signal.SIGKILL)
+    check_log(log.read_text())
+
+
+def test_fuse_overlayfs_argv_form(stack: dict[str, Path]) -> None:
+    """`overlayd -o OPTS MNT`, as podman runs its mount_program."""
+    (stack["lower1"] / "f").write_text("x")
+    opts = overlay_options([stack["lower1"]], stack["upper"], stack["work"]) + ",,volatile,"
+    mnt = stack["mnt"]
+    proc = subprocess.run(overlayd_argv("-o", opts, str(mnt)), capture_output=True, text=True,
+                          timeout=READY_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert (mnt / "f").read_text() == "x"
+    finally:
+        unmount_fuse(mnt, None)
+        poll(lambda: not daemons_serving(mnt), 10, "the daemon to exit")
+
+
+def test_mount_fuse3_helper_form(stack: dict[str, Path]) -> None:
+    """`overlayd SOURCE MNT -o rw,...,dev,suid`: what mount.fuse3 runs for mount -t fuse.overlayd."""
+    (stack["lower1"] / "f").write_text("x")
+    opts = "rw," + overlay_options([stack["lower1"]], stack["upper"], stack["work"]) + ",dev,suid"
+    mnt = stack["mnt"]
+    proc = subprocess.run(overlayd_argv("overlay", str(mnt), "-o", opts), capture_output=True,
+                          text=True, timeout=READY_TIMEOUT, check=False)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert (mnt / "f").read_text() == "x"
+    finally:
+        unmount_fuse(mnt, None)
+        poll(lambda: not daemons_serving(mnt), 10, "the daemon to exit")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_and_exits_zero(stack: dict[str, Path], signum: int) -> None:
+    opts = overlay_options([stack["lower1"], stack["lower2"]])
+    with overlayd_mounted(stack["mnt"], opts) as daemon:
+        daemon.proc.send_signal(signum)
+        assert daemon.proc.wait(timeout=20) == 0
+        assert mount_fstype(stack["mnt"]) is None
+
+
+def test_read_only_without_upper(stack: dict[str, Path]) -> None:
+    (stack["lower2"] / "f").write_text("x")
+    with overlayd_mounted(stack["mnt"], overlay_options([stack["lower1"], stack["lower2"]])):
+        mnt = stack["mnt"]
+        for action in (lambda: (mnt / "new").write_text("y"),
+                       lambda: (mnt / "f").write_text("y"),
+                       lambda: (mnt / "f").unlink(),
+                       lambda: (mnt / "d").mkdir()):
+            with pytest.raises(OSError) as excinfo:
+                action()
+            assert excinfo.value.errno == errno.EROFS
+        assert (mnt / "f").read_text() == "x"
+
+
+def test_umount_refuses_what_is_not_overlayd(tmp_path: Path) -> None:
+    proc = subprocess.run(overlayd_argv("umount", str(tmp_path)), capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"overlayd: {tmp_path}: not mounted"
+
+
+def test_bad_input_mounts_nothing(stack: dict[str, Path]) -> None:
+    opts = overlay_options([stack["lower1"], stack["work"].parent / "missing"])
+    proc = subprocess.run(overlayd_argv("mount", "-o", opts, str(stack["mnt"])),
+                          capture_output=True, text=True, timeout=30, check=False)
+    assert proc.returncode == 2
+    assert len(proc.stderr.splitlines()) == 1
+    assert "missing: No such file or directory" in proc.stderr
+    assert mount_fstype(stack["mnt"]) is None
+    assert not daemons_serving(stack["mnt"])
+
+
+def test_debug_logs_requests(stack: dict[str, Path]) -> None:
+    (stack["lower1"] / "f").write_text("x")
+    with overlayd_mounted(stack["mnt"], overlay_options([stack["lower1"]]), "-d") as daemon:
+        with pytest.raises(FileNotFoundError):
+            os.stat(stack["mnt"] / "absent")
+    assert "DEBUG" in daemon.log()
