@@ -18,7 +18,7 @@ ROOT_INODE = 1  # FUSE's fixed root node id (pyfuse3.ROOT_INODE), kept here for 
 class Node:
     """An object of the merged tree."""
 
-    __slots__ = ("fds", "ino", "is_dir", "layers", "lookups", "name", "parent")
+    __slots__ = ("fds", "ino", "is_dir", "layers", "lookups", "name", "parent", "unlinked")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, layers: tuple[int, ...],
                  is_dir: bool) -> None:
@@ -28,6 +28,9 @@ class Node:
         self.layers = layers  # top first; one layer for a non-directory
         self.is_dir = is_dir
         self.lookups = 0
+        # Its upper object was removed: the real inode number may be reused by a new object
+        # while the kernel still holds this node.
+        self.unlinked = False
         self.fds: dict[int, int] = {}  # layer index -> open dir fd (directories only)
 
     @property

@@ -83,9 +83,11 @@ class Overlay:
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
         self._next_dh = 1
-        self._synthetic: dict[tuple[int, int], int] = {}
-        # Copied-up objects keep the inode number of their origin (as the kernel's do).
-        self._origin_ino: dict[tuple[int, int], int] = {}
+        # Real objects whose inode number is not the xino one: copied-up objects keep their
+        # origin's (as the kernel's do), and numbers that do not fit or that a removed node
+        # still holds get a synthetic one.
+        self._remap: dict[tuple[int, int], int] = {}
+        self._next_synthetic = SYNTHETIC_INO_BASE
         self.work_fd = -1
         if self.upper is not None and opts.workdir is not None:
             wfd = os.open(opts.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -121,19 +123,25 @@ class Overlay:
 
     def ino_for(self, layer: int, st: os.stat_result) -> int:
         """The inode number of a real object: its own, tagged with its filesystem (xino)."""
-        fsidx = self.layers[layer].fsidx
-        if layer == 0 and self._origin_ino:
-            origin = self._origin_ino.get((st.st_dev, st.st_ino))
-            if origin is not None:
-                return origin
-        if st.st_ino < (1 << XINO_SHIFT) and (fsidx or st.st_ino != ROOT_INODE):
-            return (fsidx << XINO_SHIFT) | st.st_ino
         key = (st.st_dev, st.st_ino)
-        ino = self._synthetic.get(key)
-        if ino is None:
-            ino = SYNTHETIC_INO_BASE + len(self._synthetic) + 1
-            self._synthetic[key] = ino
-        return ino
+        ino = self._remap.get(key) if self._remap else None
+        if ino is not None:
+            return ino
+        fsidx = self.layers[layer].fsidx
+        if st.st_ino < (1 << XINO_SHIFT) and (fsidx or st.st_ino != ROOT_INODE):
+            ino = (fsidx << XINO_SHIFT) | st.st_ino
+            holder = self.table.get(ino)
+            if holder is None or not holder.unlinked:
+                return ino
+        self._next_synthetic += 1
+        self._remap[key] = self._next_synthetic
+        return self._next_synthetic
+
+    def _retire(self, node: Node, st: os.stat_result) -> None:
+        """*node*'s upper object (stat *st*) is gone: its inode number may come back."""
+        if node.is_dir or st.st_nlink <= 1:
+            node.unlinked = True
+            self._remap.pop((st.st_dev, st.st_ino), None)
 
     def dir_fd(self, node: Node, layer: int) -> int:
         """The open real directory of *node* in *layer* (opened on first use, then cached)."""
@@ -282,7 +290,7 @@ class Overlay:
         st = os.stat(node.name, dir_fd=src, follow_symlinks=False)
         copyup.copy_up(src, node.name, st, self.work_fd, dst, data=data, fsync=self.opts.fsync)
         new = os.stat(node.name, dir_fd=dst, follow_symlinks=False)
-        self._origin_ino[(new.st_dev, new.st_ino)] = node.ino
+        self._remap[(new.st_dev, new.st_ino)] = node.ino
         node.layers = (0, *node.layers) if node.is_dir else (0,)
         log.debug("copied up %r", node)
 
@@ -427,6 +435,8 @@ class Overlay:
     def _remove(self, parent: Node, name: bytes, node: Node) -> None:
         pfd = self.upper_dir_fd(parent)
         lower = self._lower_positive(parent, name)
+        if node.top == 0:
+            self._retire(node, os.stat(name, dir_fd=pfd, follow_symlinks=False))
         if node.top != 0:
             self._make_whiteout(pfd, name)  # only below: a whiteout is all the upper needs
         elif lower:
@@ -497,6 +507,8 @@ class Overlay:
             there = _lstat(npfd, new_name)
             if there is not None and is_whiteout(there):
                 os.unlink(new_name, dir_fd=npfd)  # a directory cannot replace a device
+        if dst is not None and dst.top == 0:
+            self._retire(dst, os.stat(new_name, dir_fd=npfd, follow_symlinks=False))
         if self._lower_positive(old_parent, old_name):
             try:
                 renameat2(opfd, old_name, npfd, new_name, RENAME_WHITEOUT)
