@@ -86,7 +86,7 @@ def test_fuse_overlayfs_argv_form(stack: dict[str, Path]) -> None:
 
 
 def test_mount_fuse3_helper_form(stack: dict[str, Path]) -> None:
-    """`overlayd SOURCE MNT -o rw,...,dev,suid`: what mount.fuse3 runs for mount -t fuse.overlayd."""
+    """`overlayd SOURCE MNT -o rw,...`: what mount.fuse3 runs for `mount -t fuse.overlayd`."""
     (stack["lower1"] / "f").write_text("x")
     opts = "rw," + overlay_options([stack["lower1"]], stack["upper"], stack["work"]) + ",dev,suid"
     mnt = stack["mnt"]
@@ -117,7 +117,7 @@ def test_read_only_without_upper(stack: dict[str, Path]) -> None:
                        lambda: (mnt / "f").write_text("y"),
                        lambda: (mnt / "f").unlink(),
                        lambda: (mnt / "d").mkdir()):
-            with pytest.raises(OSError) as excinfo:
+            with pytest.raises(OSError, match="Read-only file system") as excinfo:
                 action()
             assert excinfo.value.errno == errno.EROFS
         assert (mnt / "f").read_text() == "x"
@@ -143,7 +143,7 @@ def test_bad_input_mounts_nothing(stack: dict[str, Path]) -> None:
 
 def test_debug_logs_requests(stack: dict[str, Path]) -> None:
     (stack["lower1"] / "f").write_text("x")
-    with overlayd_mounted(stack["mnt"], overlay_options([stack["lower1"]]), "-d") as daemon:
-        with pytest.raises(FileNotFoundError):
-            os.stat(stack["mnt"] / "absent")
+    with (overlayd_mounted(stack["mnt"], overlay_options([stack["lower1"]]), "-d") as daemon,
+          pytest.raises(FileNotFoundError)):
+        os.stat(stack["mnt"] / "absent")
     assert "DEBUG" in daemon.log()
