@@ -165,12 +165,16 @@ def copy_up(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, dst_
             *, data: bool = True, fsync: bool = True) -> None:
     """Copy the lower object *name* into the upper directory *dst_dir_fd*, atomically."""
     tmp = temp_name()
+    parent = os.fstat(dst_dir_fd)
     try:
         build_copy(src_dir_fd, name, st, work_fd, tmp, data=data, fsync=fsync)
         renameat2(work_fd, tmp, dst_dir_fd, name, RENAME_NOREPLACE)
     except BaseException:
         _discard(work_fd, tmp)
         raise
+    # A copy-up is no change of the parent directory: keep its times, as the kernel does
+    # (ovl_set_timestamps after publishing the copy).
+    os.utime(dst_dir_fd, ns=(parent.st_atime_ns, parent.st_mtime_ns))
 
 
 def build_in_work(work_fd: int, make: Callable[[int, bytes], None]) -> bytes:

@@ -18,7 +18,8 @@ ROOT_INODE = 1  # FUSE's fixed root node id (pyfuse3.ROOT_INODE), kept here for 
 class Node:
     """An object of the merged tree."""
 
-    __slots__ = ("fds", "ino", "is_dir", "layers", "lookups", "name", "parent", "unlinked")
+    __slots__ = ("aliases", "fds", "ino", "is_dir", "layers", "lookups", "name", "parent",
+                 "unlinked")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, layers: tuple[int, ...],
                  is_dir: bool) -> None:
@@ -31,7 +32,21 @@ class Node:
         # Its upper object was removed: the real inode number may be reused by a new object
         # while the kernel still holds this node.
         self.unlinked = False
+        # Other names of a hard-linked file met so far, so that removing the name the node
+        # is located by can move it to another one.
+        self.aliases: list[tuple[Node, bytes]] = []
         self.fds: dict[int, int] = {}  # layer index -> open dir fd (directories only)
+
+    def add_alias(self, parent: Node, name: bytes) -> None:
+        if (parent is not self.parent or name != self.name) and not any(
+                p is parent and n == name for p, n in self.aliases):
+            self.aliases.append((parent, name))
+
+    def drop_name(self, parent: Node, name: bytes) -> None:
+        """The name *parent*/*name* of this node is gone: move to another known name."""
+        self.aliases = [(p, n) for p, n in self.aliases if p is not parent or n != name]
+        if self.parent is parent and self.name == name and self.aliases:
+            self.parent, self.name = self.aliases.pop()
 
     @property
     def top(self) -> int:

@@ -182,7 +182,10 @@ class Overlay:
         ino = self.ino_for(found.layers[0], found.st)
         node = self.table.get(ino)
         if node is not None and node.is_dir == found.is_dir:
-            return node  # the same object (a directory, or one name of a hard-linked file)
+            # The same object: a directory, or one name of a hard-linked file.
+            if not node.is_dir:
+                node.add_alias(parent, name)
+            return node
         return Node(ino, parent, name, found.layers, found.is_dir)
 
     def remember(self, node: Node) -> None:
@@ -294,13 +297,16 @@ class Overlay:
         node.layers = (0, *node.layers) if node.is_dir else (0,)
         log.debug("copied up %r", node)
 
-    def _at(self, parent: Node, name: bytes) -> Node:
-        """The node named *name* in *parent*, pointed at that name (hard links have several)."""
+    def _at(self, parent: Node, name: bytes, *, locate: bool = True) -> Node:
+        """The node named *name* in *parent*; with *locate*, located by that name (a hard-linked
+        file has several, and a copy-up must copy the name asked for)."""
         hit = self.lookup(parent, name)
         if hit is None:
             raise OverlayError("no such entry", errno.ENOENT)
         node = hit[0]
-        if node.parent is not parent or node.name != name:
+        if locate and (node.parent is not parent or node.name != name):
+            if node.parent is not None:
+                node.add_alias(node.parent, node.name)
             node.parent, node.name = parent, name
         return node
 
@@ -416,16 +422,18 @@ class Overlay:
             os.link(node.name, n, src_dir_fd=src_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
 
         st = self._new_object(parent, name, make, None, False)
+        node.add_alias(parent, name)
         return node, st
 
     def unlink(self, parent: Node, name: bytes) -> None:
-        node = self._at(parent, name)
+        node = self._at(parent, name, locate=False)
         if node.is_dir:
             raise OverlayError("is a directory", errno.EISDIR)
         self._remove(parent, name, node)
+        node.drop_name(parent, name)
 
     def rmdir(self, parent: Node, name: bytes) -> None:
-        node = self._at(parent, name)
+        node = self._at(parent, name, locate=False)
         if not node.is_dir:
             raise OverlayError("not a directory", errno.ENOTDIR)
         if list_merged(self.dir_stack(node)):
@@ -519,8 +527,10 @@ class Overlay:
                 self._make_whiteout(opfd, old_name)
         else:
             renameat2(opfd, old_name, npfd, new_name)
-        if dst is not None and dst.is_dir:
-            dst.close_fds()
+        if dst is not None:
+            dst.drop_name(new_parent, new_name)
+            if dst.is_dir:
+                dst.close_fds()
         src.parent, src.name = new_parent, new_name
 
     def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
