@@ -159,7 +159,7 @@ class Operations(pyfuse3.Operations):
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         handle = self.overlay.open(self.overlay.node(inode), flags)
         # Changes only reach files through us, so cached pages stay valid across opens.
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fd), keep_cache=True)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fh), keep_cache=True)
 
     @fuse_op
     def read(self, fh: int, off: int, size: int) -> bytes:
@@ -213,7 +213,7 @@ class Operations(pyfuse3.Operations):
                ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         ov = self.overlay
         handle, node, st = ov.create(ov.node(parent_inode), name, mode, flags, self._owner(ctx))
-        info = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fd), keep_cache=True)
+        info = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fh), keep_cache=True)
         return info, self._new_entry(node, st)
 
     @fuse_op

@@ -36,10 +36,12 @@ WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 @dataclass
 class Handle:
-    """An open file: the real fd and the node it was opened through."""
+    """An open file: the real fd, the layer it is open in and the node it was opened through."""
 
+    fh: int
     fd: int
     node: Node
+    layer: int
 
 
 @dataclass
@@ -82,7 +84,7 @@ class Overlay:
         self.table = InodeTable(root)
         self.handles: dict[int, Handle] = {}
         self.dir_handles: dict[int, DirHandle] = {}
-        self._next_dh = 1
+        self._next_fh = 1
         # Real objects whose inode number is not the xino one: copied-up objects keep their
         # origin's (as the kernel's do), and numbers that do not fit or that a removed node
         # still holds get a synthetic one.
@@ -236,8 +238,13 @@ class Overlay:
         assert node.parent is not None
         fd = os.open(node.name, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
                      | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd(node.parent, node.top))
-        handle = Handle(fd, node)
-        self.handles[fd] = handle
+        return self._new_handle(fd, node, node.top)
+
+    def _new_handle(self, fd: int, node: Node, layer: int) -> Handle:
+        fh = self._next_fh
+        self._next_fh += 1
+        handle = Handle(fh, fd, node, layer)
+        self.handles[fh] = handle
         return handle
 
     def handle(self, fh: int) -> Handle:
@@ -247,7 +254,22 @@ class Overlay:
             raise OverlayError(f"unknown file handle {fh}", errno.EBADF) from None
 
     def read(self, fh: int, offset: int, size: int) -> bytes:
-        return os.pread(self.handle(fh).fd, size, offset)
+        handle = self.handle(fh)
+        if handle.layer != handle.node.top:
+            self._follow_copy_up(handle)
+        return os.pread(handle.fd, size, offset)
+
+    def _follow_copy_up(self, handle: Handle) -> None:
+        """A read-only handle opened before its file was copied up reads the upper copy from
+        now on: the merged view has one version of the file (a deliberate difference from the
+        kernel, whose old handle keeps reading the lower file)."""
+        node = handle.node
+        if node.unlinked or node.parent is None:
+            return
+        fd = os.open(node.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=self.dir_fd(node.parent, node.top))
+        os.close(handle.fd)
+        handle.fd, handle.layer = fd, node.top
 
     def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
@@ -256,8 +278,8 @@ class Overlay:
 
     def opendir(self, node: Node) -> int:
         names = list_merged(self.dir_stack(node))
-        dh = self._next_dh
-        self._next_dh += 1
+        dh = self._next_fh
+        self._next_fh += 1
         self.dir_handles[dh] = DirHandle(node, names)
         return dh
 
@@ -383,9 +405,7 @@ class Overlay:
                 os.close(fd)
             raise
         node = self._published(parent, name, st)
-        handle = Handle(fds[0], node)
-        self.handles[handle.fd] = handle
-        return handle, node, st
+        return self._new_handle(fds[0], node, 0), node, st
 
     def mkdir(self, parent: Node, name: bytes, mode: int,
               owner: tuple[int, int]) -> tuple[Node, os.stat_result]:
@@ -552,7 +572,7 @@ class Overlay:
             os.chmod(target, stat.S_IMODE(mode))
         if size is not None:
             handle = self.handles.get(fh) if fh is not None else None
-            if handle is not None and handle.node is node:
+            if handle is not None and handle.node is node and handle.layer == 0:
                 os.ftruncate(handle.fd, size)
             else:
                 assert name is not None

@@ -1,0 +1,177 @@
+"""Tier 2: the pyfuse3 adapter in-process, without a mount, with a fake request context."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pyfuse3
+import pytest
+
+from overlayd.fs import Operations
+from overlayd.inodes import ROOT_INODE
+from overlayd.options import parse_options
+from overlayd.overlay import Overlay, open_layers
+from tests.conftest import needs_root
+
+CTX: Any = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), umask=0o022)
+
+
+def make_ops(tmp_path: Path, writable: bool) -> Operations:
+    lower1, lower2 = tmp_path / "lower1", tmp_path / "lower2"
+    upper, work = tmp_path / "upper", tmp_path / "work"
+    for d in (lower1, lower2, upper, work):
+        d.mkdir()
+    (lower2 / "f").write_bytes(b"lower2 f")
+    (lower1 / "g").write_bytes(b"lower1 g")
+    (lower2 / "d").mkdir()
+    (lower1 / "d").mkdir()
+    (lower2 / "d" / "x").write_bytes(b"x")
+    os.link(lower2 / "f", lower2 / "f2")
+    os.setxattr(lower1 / "g", "user.shown", b"1")
+    text = f"lowerdir={lower1}:{lower2}"
+    if writable:
+        text += f",upperdir={upper},workdir={work}"
+    opts = parse_options([text])
+    return Operations(Overlay(opts, open_layers(opts)))
+
+
+@pytest.fixture
+def ops(tmp_path: Path) -> Iterator[Operations]:
+    operations = make_ops(tmp_path, writable=True)
+    yield operations
+    operations.overlay.table.check_invariants()
+    operations.overlay.close()
+
+
+@pytest.fixture
+def ro_ops(tmp_path: Path) -> Iterator[Operations]:
+    operations = make_ops(tmp_path, writable=False)
+    yield operations
+    operations.overlay.close()
+
+
+async def test_lookup_counts_and_forget(ops: Operations) -> None:
+    first = await ops.lookup(ROOT_INODE, b"f", CTX)
+    second = await ops.lookup(ROOT_INODE, b"f", CTX)
+    assert first.st_ino == second.st_ino
+    node = ops.overlay.table.get(first.st_ino)
+    assert node is not None
+    assert node.lookups == 2
+    await ops.forget([(first.st_ino, 1)])
+    assert ops.overlay.table.get(first.st_ino) is node
+    await ops.forget([(first.st_ino, 1)])
+    assert ops.overlay.table.get(first.st_ino) is None
+    with pytest.raises(pyfuse3.FUSEError) as excinfo:
+        await ops.getattr(first.st_ino, CTX)
+    assert excinfo.value.errno == errno.ESTALE
+
+
+async def test_hard_links_share_one_inode(ops: Operations) -> None:
+    f = await ops.lookup(ROOT_INODE, b"f", CTX)
+    f2 = await ops.lookup(ROOT_INODE, b"f2", CTX)
+    assert f.st_ino == f2.st_ino
+    assert f.st_nlink == 2
+
+
+async def test_negative_lookup_is_a_cacheable_entry(ops: Operations) -> None:
+    attr = await ops.lookup(ROOT_INODE, b"absent", CTX)
+    assert attr.st_ino == 0
+    assert attr.entry_timeout > 0
+    assert len(ops.overlay.table) == 1  # nothing remembered
+
+
+async def test_merged_dir_reports_nlink_one(ops: Operations) -> None:
+    d = await ops.lookup(ROOT_INODE, b"d", CTX)
+    assert stat.S_ISDIR(d.st_mode)
+    assert d.st_nlink == 1
+
+
+async def test_private_xattrs_hidden(ops: Operations, tmp_path: Path) -> None:
+    g = await ops.lookup(ROOT_INODE, b"g", CTX)
+    assert await ops.listxattr(g.st_ino, CTX) == [b"user.shown"]
+    assert await ops.getxattr(g.st_ino, b"user.shown", CTX) == b"1"
+    with pytest.raises(pyfuse3.FUSEError) as excinfo:
+        await ops.getxattr(g.st_ino, b"trusted.overlay.opaque", CTX)
+    assert excinfo.value.errno == errno.ENODATA
+    with pytest.raises(pyfuse3.FUSEError) as excinfo:
+        await ops.setxattr(g.st_ino, b"trusted.overlay.opaque", b"y", CTX)
+    assert excinfo.value.errno == errno.EOPNOTSUPP
+    assert not (tmp_path / "upper" / "g").exists()  # refused before any copy-up
+
+
+async def test_unexpected_exception_is_eio_and_logged(
+        ops: Operations, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(*_args: object) -> None:
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(ops.overlay, "stat", broken)
+    with caplog.at_level(logging.ERROR, logger="overlayd.fs"), \
+            pytest.raises(pyfuse3.FUSEError) as excinfo:
+        await ops.getattr(ROOT_INODE, CTX)
+    assert excinfo.value.errno == errno.EIO
+    assert "injected fault" in caplog.text
+    monkeypatch.undo()
+    attr = await ops.getattr(ROOT_INODE, CTX)  # and the next request is served
+    assert stat.S_ISDIR(attr.st_mode)
+
+
+async def test_read_only_refuses_changes(ro_ops: Operations) -> None:
+    f = await ro_ops.lookup(ROOT_INODE, b"f", CTX)
+    for call in (ro_ops.mkdir(ROOT_INODE, b"new", 0o755, CTX),
+                 ro_ops.unlink(ROOT_INODE, b"f", CTX),
+                 ro_ops.open(f.st_ino, os.O_WRONLY, CTX)):
+        with pytest.raises(pyfuse3.FUSEError) as excinfo:
+            await call
+        assert excinfo.value.errno == errno.EROFS
+    info = await ro_ops.open(f.st_ino, os.O_RDONLY, CTX)
+    assert await ro_ops.read(info.fh, 0, 100) == b"lower2 f"
+    await ro_ops.release(info.fh)
+
+
+async def test_open_for_write_copies_up(ops: Operations, tmp_path: Path) -> None:
+    f = await ops.lookup(ROOT_INODE, b"f", CTX)
+    reader = await ops.open(f.st_ino, os.O_RDONLY, CTX)
+    writer = await ops.open(f.st_ino, os.O_WRONLY, CTX)
+    assert (tmp_path / "upper" / "f").read_bytes() == b"lower2 f"
+    assert await ops.write(writer.fh, 0, b"UPPER") == 5
+    await ops.fsync(writer.fh, False)
+    # The reader opened before the copy-up now reads the merged view's one version.
+    assert await ops.read(reader.fh, 0, 100) == b"UPPER2 f"
+    assert (tmp_path / "lower2" / "f").read_bytes() == b"lower2 f"
+    after = await ops.getattr(f.st_ino, CTX)
+    assert after.st_ino == f.st_ino  # copy-up keeps the inode number
+    for fh in (reader.fh, writer.fh):
+        await ops.release(fh)
+    assert ops.overlay.handles == {}
+    assert os.listdir(tmp_path / "work" / "work") == []
+
+
+@needs_root
+async def test_unlink_of_lower_file_writes_whiteout(ops: Operations, tmp_path: Path) -> None:
+    await ops.unlink(ROOT_INODE, b"g", CTX)
+    st = os.lstat(tmp_path / "upper" / "g")
+    assert stat.S_ISCHR(st.st_mode)
+    assert st.st_rdev == 0
+    assert (await ops.lookup(ROOT_INODE, b"g", CTX)).st_ino == 0
+    with pytest.raises(pyfuse3.FUSEError) as excinfo:
+        await ops.unlink(ROOT_INODE, b"g", CTX)
+    assert excinfo.value.errno == errno.ENOENT
+
+
+@needs_root
+async def test_create_owned_by_caller(ops: Operations, tmp_path: Path) -> None:
+    ctx: Any = SimpleNamespace(uid=4321, gid=8765, pid=1, umask=0o022)
+    info, attr = await ops.create(ROOT_INODE, b"new", stat.S_IFREG | 0o640, os.O_WRONLY, ctx)
+    assert (attr.st_uid, attr.st_gid) == (4321, 8765)
+    assert stat.S_IMODE(attr.st_mode) == 0o640
+    st = os.lstat(tmp_path / "upper" / "new")
+    assert (st.st_uid, st.st_gid) == (4321, 8765)
+    await ops.release(info.fh)
+    await ops.forget([(attr.st_ino, 1)])
