@@ -29,6 +29,7 @@ FUSE_PASSTHROUGH = frozenset({"allow_other", "allow_root", "default_permissions"
 IGNORED_FLAGS = frozenset({
     "_netdev", "auto", "noauto", "user", "nouser", "users", "owner", "nofail", "defaults",
     "silent", "loud",
+    "noacl",  # fuse-overlayfs's: ACLs are not served anyway
 })
 IGNORED_KEYS = frozenset({"context", "fscontext", "defcontext", "rootcontext", "comment"})
 # Kernel options whose value must be the one we implement (the kernel's defaults here).
@@ -43,6 +44,7 @@ PINNED = {
 # Known, but not implemented yet: refused with a clear message rather than ignored.
 NOT_YET = frozenset({
     "uidmapping", "gidmapping", "squash_to_root", "squash_to_uid", "squash_to_gid", "userxattr",
+    "ino32_t",
 })
 
 
@@ -54,6 +56,7 @@ class MountOptions:
     fuse_options: frozenset[str] = frozenset()
     read_only: bool = False
     fsync: bool = True  # volatile / fsync=0 trade durability away explicitly
+    static_nlink: bool = False  # fuse-overlayfs's: every directory reports nlink 1
     ignored: tuple[str, ...] = field(default=())
 
     @property
@@ -115,6 +118,7 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
     fuse: set[str] = set()
     read_only = False
     fsync = True
+    static_nlink = False
     ignored: list[str] = []
     for text in option_strings:
         for item in _split_options(text):
@@ -147,6 +151,8 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 fsync = False
             elif key == "fsync" and value in ("0", "1"):
                 fsync = value == "1"
+            elif key == "static_nlink" and not has_value:
+                static_nlink = True
             elif (not has_value and key in IGNORED_FLAGS) or key.startswith("x-") or (
                     has_value and key in IGNORED_KEYS):
                 ignored.append(item)
@@ -167,7 +173,8 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
         raise UsageError("workdir= needs upperdir=")
     if len(lowers) + (upper is not None) > MAX_LAYERS:
         raise UsageError(f"too many layers: {len(lowers)} lower layers (at most {MAX_LAYERS})")
-    return MountOptions(lowers, upper, work, frozenset(fuse), read_only, fsync, tuple(ignored))
+    return MountOptions(lowers, upper, work, frozenset(fuse), read_only, fsync, static_nlink,
+                        tuple(ignored))
 
 
 def _is_within(inner: bytes, outer: bytes) -> bool:

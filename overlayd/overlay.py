@@ -207,7 +207,9 @@ class Overlay:
     def nlink(self, node: Node, st: os.stat_result) -> int:
         # The kernel's ovl_getattr: a merged directory reports nlink 1 ("seems to pacify find");
         # everything else reports its real link count.
-        return 1 if node.is_dir and len(node.layers) > 1 else st.st_nlink
+        if node.is_dir and (len(node.layers) > 1 or self.opts.static_nlink):
+            return 1
+        return st.st_nlink
 
     def readlink(self, node: Node) -> bytes:
         assert node.parent is not None
