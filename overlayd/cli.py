@@ -11,6 +11,7 @@ Every error is one line on stderr; bad input exits 2 before anything is mounted.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -116,16 +117,19 @@ def do_mount(cmd: Command) -> int:
     return daemon.run_daemon(opts, mountpoint, cmd.debug, cmd.log_file)
 
 
+def _unescape_mountinfo(field: bytes) -> bytes:
+    # The kernel escapes space, tab, newline and backslash as \NNN (octal).
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
 def mount_fstype(mountpoint: bytes) -> str | None:
     """The filesystem type mounted at *mountpoint* (the topmost), from /proc/self/mountinfo."""
-    target = os.fsdecode(mountpoint)
     found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+    with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            point = fields[4].encode("latin-1", "surrogateescape").decode("unicode_escape")
-            if point == target:
-                found = fields[fields.index("-") + 1]
+            if _unescape_mountinfo(fields[4]) == mountpoint:
+                found = os.fsdecode(fields[fields.index(b"-") + 1])
     return found
 
 

@@ -36,8 +36,10 @@ def temp_name() -> bytes:
 
 def open_workdir(workdir_fd: int) -> int:
     """Open (creating) ``workdir/work`` and remove what a crashed overlayd left in it."""
+    # The kernel makes work/ with mode 0 (only root, which bypasses modes, uses it); an
+    # unprivileged daemon must be able to use its own.
     with contextlib.suppress(FileExistsError):
-        os.mkdir(WORK_SUBDIR, 0o000, dir_fd=workdir_fd)
+        os.mkdir(WORK_SUBDIR, 0o000 if os.geteuid() == 0 else 0o700, dir_fd=workdir_fd)
     fd = os.open(WORK_SUBDIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
                  dir_fd=workdir_fd)
     clean_workdir(fd)
@@ -127,38 +129,41 @@ def copy_xattrs(src_path: bytes, dst_path: bytes) -> None:
 
 def build_copy(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, tmp: bytes,
                *, data: bool, fsync: bool) -> None:
-    """Build a copy of the object *name* (stat *st*) as *tmp* in the work directory."""
-    mode = stat.S_IMODE(st.st_mode)
-    if stat.S_ISREG(st.st_mode):
-        dst = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600,
-                      dir_fd=work_fd)
-        try:
+    """Build a copy of the object *name* (stat *st*) as *tmp* in the work directory.
+
+    Order matters: owner first (chown clears setuid bits and capabilities), then xattrs (writing
+    user.* needs write permission), then the mode, then the times. A directory keeps mode 0700
+    until it is published (moving a directory needs write permission on it): see copy_up.
+    """
+    fd = -1
+    try:
+        if stat.S_ISREG(st.st_mode):
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600,
+                         dir_fd=work_fd)
             if data and st.st_size:
                 src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
                               dir_fd=src_dir_fd)
                 try:
-                    copy_data(src, dst, st.st_size)
+                    copy_data(src, fd, st.st_size)
                 finally:
                     os.close(src)
-            os.fchown(dst, st.st_uid, st.st_gid)
-            os.fchmod(dst, mode)  # after chown, which clears setuid bits
-            if fsync:
-                os.fsync(dst)
-        finally:
-            os.close(dst)
-    elif stat.S_ISDIR(st.st_mode):
-        os.mkdir(tmp, 0o700, dir_fd=work_fd)
+        elif stat.S_ISDIR(st.st_mode):
+            os.mkdir(tmp, 0o700, dir_fd=work_fd)
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(name, dir_fd=src_dir_fd), tmp, dir_fd=work_fd)
+        else:  # fifo, socket, device
+            os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=work_fd)
         os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work_fd, follow_symlinks=False)
-        os.chmod(tmp, mode, dir_fd=work_fd)
-    elif stat.S_ISLNK(st.st_mode):
-        os.symlink(os.readlink(name, dir_fd=src_dir_fd), tmp, dir_fd=work_fd)
-        os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work_fd, follow_symlinks=False)
-    else:  # fifo, socket, device
-        os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=work_fd)
-        os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work_fd, follow_symlinks=False)
-        os.chmod(tmp, mode, dir_fd=work_fd)
-    copy_xattrs(fd_path(src_dir_fd, name), fd_path(work_fd, tmp))
-    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work_fd, follow_symlinks=False)
+        copy_xattrs(fd_path(src_dir_fd, name), fd_path(work_fd, tmp))
+        if not (stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+            os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=work_fd)
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work_fd,
+                 follow_symlinks=False)
+        if fd >= 0 and fsync:
+            os.fsync(fd)
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def copy_up(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, dst_dir_fd: int,
@@ -172,6 +177,8 @@ def copy_up(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, dst_
     except BaseException:
         _discard(work_fd, tmp)
         raise
+    if stat.S_ISDIR(st.st_mode):
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst_dir_fd)
     # A copy-up is no change of the parent directory: keep its times, as the kernel does
     # (ovl_set_timestamps after publishing the copy).
     os.utime(dst_dir_fd, ns=(parent.st_atime_ns, parent.st_mtime_ns))

@@ -90,16 +90,17 @@ class InodeTable:
         if node is None:
             return None
         node.lookups -= nlookup
-        if node.lookups < 0:
-            # The kernel forgot more than we counted: a bookkeeping bug, but never let it
-            # go negative for the rest of the mount's life.
+        underflow = node.lookups < 0
+        if underflow:
+            # The kernel forgot more than we counted: a bookkeeping bug. The kernel holds no
+            # reference any more, so the node goes; then the bug is reported.
             node.lookups = 0
-            raise AssertionError(f"lookup count of inode {ino} below zero")
         if node.lookups == 0 and node is not self.root:
             del self._nodes[ino]
             node.close_fds()
-            return node
-        return None
+        if underflow:
+            raise AssertionError(f"lookup count of inode {ino} below zero")
+        return node if node.lookups == 0 and node is not self.root else None
 
     def check_invariants(self) -> None:
         assert self._nodes.get(ROOT_INODE) is self.root

@@ -80,7 +80,9 @@ def resolve(dirs: DirStack, name: bytes) -> Found | None:
         if top is None:
             top = st
         found.append(index)
-        if is_opaque_dir(fd_path(dir_fd, name)):
+        # An OCI layer that deleted and re-created a directory holds both NAME and .wh.NAME:
+        # the whiteout still hides the layers below (whiteouts apply to lower layers only).
+        if is_opaque_dir(fd_path(dir_fd, name)) or has_oci_whiteout(dir_fd, name):
             break
     if top is None:
         return None

@@ -22,6 +22,14 @@ FUSE_MOUNT_FLAGS = frozenset({
     "atime", "noatime", "diratime", "nodiratime", "relatime", "norelatime", "strictatime",
     "nostrictatime", "lazytime", "nolazytime",
 })
+# Flags that cancel each other: the last one given wins, as with mount(8).
+OPPOSITES = {
+    "rw": "ro", "ro": "rw", "dev": "nodev", "nodev": "dev", "suid": "nosuid", "nosuid": "suid",
+    "exec": "noexec", "noexec": "exec", "sync": "async", "async": "sync",
+    "atime": "noatime", "noatime": "atime", "diratime": "nodiratime", "nodiratime": "diratime",
+    "relatime": "norelatime", "norelatime": "relatime", "strictatime": "nostrictatime",
+    "nostrictatime": "strictatime", "lazytime": "nolazytime", "nolazytime": "lazytime",
+}
 # libfuse options a caller may pass through.
 FUSE_PASSTHROUGH = frozenset({"allow_other", "allow_root", "default_permissions", "auto_unmount"})
 # Accepted and without effect for us: mount(8) bookkeeping and SELinux labels
@@ -44,7 +52,7 @@ PINNED = {
 # Known, but not implemented yet: refused with a clear message rather than ignored.
 NOT_YET = frozenset({
     "uidmapping", "gidmapping", "squash_to_root", "squash_to_uid", "squash_to_gid", "userxattr",
-    "ino32_t",
+    "ino32_t", "xattr_permissions",
 })
 
 
@@ -85,17 +93,23 @@ def split_escaped(text: str, sep: str) -> list[str]:
 
 
 def _split_options(text: str) -> list[str]:
-    """Split at unescaped commas, keeping the escapes for the lowerdir split after."""
+    """Split at unescaped commas outside double quotes (SELinux labels such as
+    ``context="system_u:object_r:container_file_t:s0:c1,c2"`` hold commas), keeping the
+    escapes for the lowerdir split after."""
     items: list[str] = []
     cur: list[str] = []
     escaped = False
+    quoted = False
     for ch in text:
         if escaped:
             cur.append("\\" + ch)
             escaped = False
         elif ch == "\\":
             escaped = True
-        elif ch == ",":
+        elif ch == '"':
+            quoted = not quoted
+            cur.append(ch)
+        elif ch == "," and not quoted:
             items.append("".join(cur))
             cur = []
         else:
@@ -140,9 +154,9 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                     raise UsageError("workdir= is empty")
             elif not has_value and key in FUSE_MOUNT_FLAGS:
                 fuse.add(key)
+                fuse.discard(OPPOSITES.get(key, ""))
                 if key in ("ro", "rw"):
                     read_only = key == "ro"
-                    fuse.discard("rw" if key == "ro" else "ro")
             elif not has_value and key in FUSE_PASSTHROUGH:
                 fuse.add(key)
             elif key == "fsname" and has_value:
@@ -151,6 +165,8 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 fsync = False
             elif key == "fsync" and value in ("0", "1"):
                 fsync = value == "1"
+            elif key == "xattr_permissions" and value == "0":
+                ignored.append(item)  # fuse-overlayfs's default: xattrs carry no permissions
             elif key == "static_nlink" and not has_value:
                 static_nlink = True
             elif (not has_value and key in IGNORED_FLAGS) or key.startswith("x-") or (
@@ -171,7 +187,7 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
         raise UsageError("upperdir= needs workdir=")
     if work is not None and upper is None:
         raise UsageError("workdir= needs upperdir=")
-    if len(lowers) + (upper is not None) > MAX_LAYERS:
+    if len(lowers) > MAX_LAYERS:  # the kernel's limit counts lower layers only
         raise UsageError(f"too many layers: {len(lowers)} lower layers (at most {MAX_LAYERS})")
     return MountOptions(lowers, upper, work, frozenset(fuse), read_only, fsync, static_nlink,
                         tuple(ignored))

@@ -57,7 +57,6 @@ def dirs(tmp_path: Path) -> Iterator[Dirs]:
     for p in paths:
         p.mkdir()
     fds = [fd_of(p) for p in paths]
-    # Not open_workdir: its mode-000 work/ is unusable without root (see the xfail below).
     (tmp_path / "work" / "work").mkdir(0o700)
     work_fd = fd_of(tmp_path / "work" / "work")
     yield Dirs(*paths, *fds, work_fd)
@@ -359,7 +358,7 @@ def test_copy_up_refuses_to_replace_dir(dirs: Dirs) -> None:
 
 
 @pytest.mark.parametrize(("name", "make", "fail"), [
-    ("f", lambda p: p.write_bytes(b"data"), "fchown"),
+    ("f", lambda p: p.write_bytes(b"data"), "chown"),
     ("f", lambda p: p.write_bytes(b"data"), "fsync"),
     ("d", lambda p: p.mkdir(), "chown"),
     ("p", lambda p: os.mkfifo(p), "chown"),
@@ -531,9 +530,6 @@ def test_run_unprivileged_really_drops(user_dirs: tuple[int, int, int]) -> None:
         run_unprivileged(lambda: os.open("/proc/1/environ", os.O_RDONLY))
 
 
-@pytest.mark.xfail(strict=True, raises=PermissionError, reason=(
-    "copyup.py:40 open_workdir makes workdir/work with mode 000 (the kernel's choice, made with "
-    "root creds); an unprivileged owner cannot then open or write it: EACCES"))
 def test_open_workdir_unprivileged(user_dirs: tuple[int, int, int]) -> None:
     lower, upper, workdir = user_dirs
 
@@ -576,10 +572,6 @@ def test_copy_up_unprivileged_plain(user_dirs: tuple[int, int, int]) -> None:
     assert run_unprivileged(scenario) == ["d", "f"]
 
 
-@pytest.mark.xfail(strict=True, raises=PermissionError, reason=(
-    "copyup.py:152/171 build_copy gives the directory its final mode before renameat2; moving "
-    "a directory to another parent needs write permission on it (to update '..'), so an "
-    "unprivileged copy-up of a 0555 directory fails with EACCES"))
 def test_copy_up_unprivileged_read_only_directory(user_dirs: tuple[int, int, int]) -> None:
     lower, upper, workdir = user_dirs
 
@@ -596,10 +588,6 @@ def test_copy_up_unprivileged_read_only_directory(user_dirs: tuple[int, int, int
     assert run_unprivileged(scenario) == (["d"], 0o555, [])
 
 
-@pytest.mark.xfail(strict=True, raises=PermissionError, reason=(
-    "copyup.py:144/160 build_copy sets the final mode before copy_xattrs; setting user.* xattrs "
-    "needs write permission, so an unprivileged copy-up of a 0444 file (or 0555 dir) that has "
-    "user xattrs fails with EACCES"))
 def test_copy_up_unprivileged_read_only_file_with_xattrs(
         user_dirs: tuple[int, int, int]) -> None:
     lower, upper, workdir = user_dirs

@@ -159,9 +159,6 @@ def test_forget_more_than_counted_raises(table: InodeTable) -> None:
     assert node.lookups == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "inodes.py:94-97 an over-forget clamps the count to 0 and raises, but leaves the node in "
-    "the table (its dir fds open, check_invariants failing) for the rest of the mount"))
 def test_forget_more_than_counted_still_drops_node(table: InodeTable,
                                                    dir_fds: list[int]) -> None:
     node = Node(5, table.root, b"d", (1,), True)

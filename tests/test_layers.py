@@ -200,9 +200,6 @@ def test_same_layer_oci_whiteout_hides_only_lower_names(tmp_path: Path,
     assert found.st.st_ino == (top / "x").stat().st_ino
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "layers.py:67-84 resolve looks for .wh.NAME only when the layer lacks NAME, so a directory "
-    "beside its own .wh.NAME still merges with the lower NAME that the OCI whiteout hides"))
 def test_same_layer_oci_whiteout_stops_directory_merge(tmp_path: Path,
                                                        open_stack: OpenStack) -> None:
     top, bottom = layers(tmp_path, 2)

@@ -91,9 +91,6 @@ def test_podman_string() -> None:
     assert opts.fuse_options == frozenset()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "options.py:87 _split_options splits inside a quoted value: a SELinux context with MCS "
-    "categories (podman's usual 's0:c1,c2') gives \"unknown option 'c2\\\"'\""))
 def test_podman_context_with_mcs_categories() -> None:
     opts = parse_options(['lowerdir=/l,context="system_u:object_r:container_file_t:s0:c1,c2"'])
     assert opts.ignored == ('context="system_u:object_r:container_file_t:s0:c1,c2"',)
@@ -122,9 +119,6 @@ def test_fuse_overlayfs_noacl_ignored() -> None:
     assert parse_options(["lowerdir=/l,noacl"]).ignored == ("noacl",)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "options.py:167 parse_options: containers/storage's xattr_permissions=N (DESIGN.md section 1 "
-    "lists it among what real callers send) is reported as 'unknown option'"))
 def test_xattr_permissions_is_known() -> None:
     assert "unknown" not in outcome(["lowerdir=/l,xattr_permissions=2"])
 
@@ -163,9 +157,6 @@ def test_last_of_ro_rw_wins() -> None:
     assert opts.fuse_options == frozenset({"rw"})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "options.py:143 only ro/rw drop their opposite: '-o nodev -o dev' keeps both in the "
-    "fuse_options set, and libfuse then applies them in the set's (hash-seeded) order"))
 def test_last_of_conflicting_flags_wins() -> None:
     opts = parse_options(["lowerdir=/l,nodev,nosuid,noexec", "dev,suid,exec"])
     assert opts.fuse_options == frozenset({"dev", "suid", "exec"})
@@ -237,9 +228,6 @@ def test_too_many_layers() -> None:
     assert message == f"too many layers: {MAX_LAYERS + 1} lower layers (at most {MAX_LAYERS})"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "options.py:174 counts the upper layer against MAX_LAYERS; the kernel (measured here, "
-    "6.18) mounts 500 lowerdirs plus an upperdir and refuses only a 501st lowerdir"))
 def test_max_lower_layers_with_upper_accepted() -> None:
     lowers = ":".join(f"/l{i}" for i in range(MAX_LAYERS))
     opts = parse_options([f"lowerdir={lowers},upperdir=/u,workdir=/w"])
