@@ -30,6 +30,11 @@ PRIVATE_XATTR_PREFIXES = (
     b"user.overlay.",
     b"user.fuseoverlayfs.",
 )
+# The kernel's escaping (6.7+, for overlays nested in overlays): trusted.overlay.X set through
+# the mount is stored as trusted.overlay.overlay.X, and shown unescaped. We escape user.overlay.*
+# the same way, since we read that family as private on every mount.
+ESCAPED_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+ESCAPE = b"overlay."
 
 # Inode numbers: the real inode number tagged with the index of the layer's filesystem in the
 # top bits (the kernel's xino scheme); numbers that do not fit get a synthetic one.

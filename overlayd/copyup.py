@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable
 
 from overlayd.constants import OPAQUE_VALUE, WORK_SUBDIR
-from overlayd.ondisk import fd_path, is_private_xattr
+from overlayd.ondisk import fd_path, xattr_from_disk
 from overlayd.syscalls import RENAME_NOREPLACE, renameat2
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
 
 
 def copy_xattrs(src_path: bytes, dst_path: bytes) -> None:
-    """Copy every xattr but the overlay's private ones (as the kernel's ovl_copy_xattr)."""
+    """Copy every xattr but the overlay's private ones, escaped ones included (as the kernel)."""
     try:
         names = os.listxattr(src_path, follow_symlinks=False)
     except OSError as e:
@@ -116,7 +116,7 @@ def copy_xattrs(src_path: bytes, dst_path: bytes) -> None:
             return
         raise
     for name in names:
-        if is_private_xattr(os.fsencode(name)):
+        if xattr_from_disk(os.fsencode(name)) is None:
             continue
         try:
             value = os.getxattr(src_path, name, follow_symlinks=False)

@@ -12,6 +12,8 @@ import os
 import stat
 
 from overlayd.constants import (
+    ESCAPE,
+    ESCAPED_XATTR_PREFIXES,
     OPAQUE_MARKER,
     OPAQUE_VALUE,
     OPAQUE_XATTRS,
@@ -33,6 +35,26 @@ def is_whiteout(st: os.stat_result) -> bool:
 
 def is_private_xattr(name: bytes) -> bool:
     return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+def xattr_to_disk(name: bytes) -> bytes | None:
+    """The on-disk name of the xattr *name* set or read through the mount; None if refused."""
+    if not name.startswith(PRIVATE_XATTR_PREFIXES):
+        return name
+    for prefix in ESCAPED_XATTR_PREFIXES:
+        if name.startswith(prefix):
+            return prefix + ESCAPE + name[len(prefix):]
+    return None
+
+
+def xattr_from_disk(name: bytes) -> bytes | None:
+    """The name the on-disk xattr *name* shows through the mount; None if it is private."""
+    if not name.startswith(PRIVATE_XATTR_PREFIXES):
+        return name
+    for prefix in ESCAPED_XATTR_PREFIXES:
+        if name.startswith(prefix + ESCAPE):
+            return prefix + name[len(prefix) + len(ESCAPE):]
+    return None
 
 
 def is_hidden_name(name: bytes) -> bool:

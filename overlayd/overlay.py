@@ -25,7 +25,7 @@ from overlayd.constants import (
 from overlayd.errors import OverlayError, ReadOnly
 from overlayd.inodes import ROOT_INODE, InodeTable, Node
 from overlayd.layers import DirStack, Found, Layer, list_merged, open_dir_at, resolve
-from overlayd.ondisk import fd_path, is_private_xattr, is_whiteout
+from overlayd.ondisk import fd_path, is_whiteout, xattr_from_disk, xattr_to_disk
 from overlayd.options import MountOptions
 from overlayd.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 
@@ -221,13 +221,15 @@ class Overlay:
         return fd_path(self.dir_fd(node.parent, node.top), node.name)
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
-        if is_private_xattr(name):
+        disk = xattr_to_disk(name)
+        if disk is None:
             raise OverlayError("private xattr", errno.ENODATA)
-        return os.getxattr(self.xattr_path(node), name, follow_symlinks=False)
+        return os.getxattr(self.xattr_path(node), disk, follow_symlinks=False)
 
     def listxattr(self, node: Node) -> list[bytes]:
         names = os.listxattr(self.xattr_path(node), follow_symlinks=False)
-        return [n for n in map(os.fsencode, names) if not is_private_xattr(n)]
+        shown = (xattr_from_disk(os.fsencode(n)) for n in names)
+        return [n for n in shown if n is not None]
 
     def statfs(self) -> os.statvfs_result:
         return os.fstatvfs(self.layers[0].fd)
@@ -517,7 +519,7 @@ class Overlay:
             renameat2(opfd, old_name, npfd, new_name, RENAME_EXCHANGE)
             for node, parent, name in ((src, new_parent, new_name), (dst, old_parent, old_name)):
                 node.parent, node.name = parent, name
-                if node.is_dir and self._lower_positive(parent, name):
+                if node.is_dir and len(parent.layers) > 1:
                     copyup.set_opaque(self.xattr_path(node), self.opaque_xattr)
             return
         if dst is not None:
@@ -531,8 +533,9 @@ class Overlay:
                 if dst.top == 0:
                     self._clear_dir(dst)
         if src.is_dir:
-            if self._lower_positive(new_parent, new_name):
-                # Lower entries at the new name must not merge into the moved directory.
+            if len(new_parent.layers) > 1:
+                # As the kernel's ovl_rename: a directory moved into a merged directory is
+                # made opaque, so lower entries of the same name never merge into it.
                 copyup.set_opaque(self.xattr_path(src), self.opaque_xattr)
             there = _lstat(npfd, new_name)
             if there is not None and is_whiteout(there):
@@ -591,17 +594,19 @@ class Overlay:
         return self.stat(node)
 
     def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
-        if is_private_xattr(name):
+        disk = xattr_to_disk(name)
+        if disk is None:
             raise OverlayError("private xattr", errno.EOPNOTSUPP)
         self.copy_up(node)
-        os.setxattr(self.xattr_path(node), name, value, follow_symlinks=False)
+        os.setxattr(self.xattr_path(node), disk, value, follow_symlinks=False)
 
     def removexattr(self, node: Node, name: bytes) -> None:
-        if is_private_xattr(name):
+        disk = xattr_to_disk(name)
+        if disk is None:
             raise OverlayError("private xattr", errno.EOPNOTSUPP)
         self.getxattr(node, name)  # ENODATA before any copy-up, as the kernel answers
         self.copy_up(node)
-        os.removexattr(self.xattr_path(node), name, follow_symlinks=False)
+        os.removexattr(self.xattr_path(node), disk, follow_symlinks=False)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         return os.pwrite(self.handle(fh).fd, data, offset)

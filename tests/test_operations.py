@@ -93,7 +93,8 @@ async def test_merged_dir_reports_nlink_one(ops: Operations) -> None:
     assert d.st_nlink == 1
 
 
-async def test_private_xattrs_hidden(ops: Operations, tmp_path: Path) -> None:
+async def test_private_xattrs_hidden_and_escaped(ops: Operations, tmp_path: Path) -> None:
+    os.setxattr(tmp_path / "lower1" / "g", "trusted.overlay.opaque", b"y")
     g = await ops.lookup(ROOT_INODE, b"g", CTX)
     assert await ops.listxattr(g.st_ino, CTX) == [b"user.shown"]
     assert await ops.getxattr(g.st_ino, b"user.shown", CTX) == b"1"
@@ -101,9 +102,17 @@ async def test_private_xattrs_hidden(ops: Operations, tmp_path: Path) -> None:
         await ops.getxattr(g.st_ino, b"trusted.overlay.opaque", CTX)
     assert excinfo.value.errno == errno.ENODATA
     with pytest.raises(pyfuse3.FUSEError) as excinfo:
-        await ops.setxattr(g.st_ino, b"trusted.overlay.opaque", b"y", CTX)
+        await ops.setxattr(g.st_ino, b"user.fuseoverlayfs.opaque", b"y", CTX)
     assert excinfo.value.errno == errno.EOPNOTSUPP
     assert not (tmp_path / "upper" / "g").exists()  # refused before any copy-up
+    # The kernel's escaping for nested overlays: stored as trusted.overlay.overlay.*.
+    await ops.setxattr(g.st_ino, b"trusted.overlay.opaque", b"nested", CTX)
+    assert os.getxattr(tmp_path / "upper" / "g", "trusted.overlay.overlay.opaque") == b"nested"
+    with pytest.raises(OSError, match="No data available"):  # private: not copied up
+        os.getxattr(tmp_path / "upper" / "g", "trusted.overlay.opaque")
+    assert sorted(await ops.listxattr(g.st_ino, CTX)) == [b"trusted.overlay.opaque",
+                                                          b"user.shown"]
+    assert await ops.getxattr(g.st_ino, b"trusted.overlay.opaque", CTX) == b"nested"
 
 
 async def test_unexpected_exception_is_eio_and_logged(

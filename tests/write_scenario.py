@@ -129,7 +129,46 @@ STEPS: list[Step] = [
     ("mkdir over it again", lambda r: os.mkdir(r / "srv/data")),
     ("unlink a file in a lower dir then the dir", lambda r: (os.unlink(r / "opt/app/bin"),
                                                              os.rmdir(r / "opt/app"))),
+    ("mkdir over an existing lower name", lambda r: os.mkdir(r / "etc/hosts.moved")),
+    ("create O_EXCL over a lower file", lambda r: os.close(os.open(
+        r / "etc/passwd.new", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))),
+    ("open a missing file", lambda r: open(r / "etc/nothing").close()),
+    ("unlink a directory", lambda r: os.unlink(r / "var/log")),
+    ("rmdir a file", lambda r: os.rmdir(r / "etc/hosts.moved")),
+    ("rename a dir over a file", lambda r: os.rename(r / "movedst", r / "etc/hosts.moved")),
+    ("rename a file over a dir", lambda r: os.rename(r / "etc/hosts.moved", r / "movedst")),
+    ("rename a dir into itself", lambda r: (os.mkdir(r / "selfdir"),
+                                            os.rename(r / "selfdir", r / "selfdir/sub"))),
+    ("rename a dir over a non-empty dir", lambda r: os.rename(r / "selfdir", r / "movedst")),
+    ("rename a dir over an empty upper dir", lambda r: (os.mkdir(r / "emptyup"),
+                                                        os.rename(r / "selfdir", r / "emptyup"))),
+    ("hard link to a dir", lambda r: os.link(r / "emptyup", r / "emptyup.link")),
+    ("rename a name onto another name of the same file",
+     lambda r: (os.link(r / "etc/passwd.new", r / "etc/passwd.same"),
+                os.rename(r / "etc/passwd.new", r / "etc/passwd.same"))),
+    ("truncate a lower file by path", lambda r: os.truncate(r / "etc/passwd.same", 3)),
+    ("symlink over a whiteout", lambda r: os.symlink("target", r / "var/log/old.log.2")),
+    ("mkfifo over a whiteout", lambda r: (os.unlink(r / "usr/share/doc.none")
+                                          if os.path.exists(r / "usr/share/doc.none") else None,
+                                          os.mkfifo(r / "usr/share/doc"))),
+    ("write through a handle held across a rename", lambda r: _held_write(r)),
+    ("setxattr of an overlay xattr through the mount",
+     lambda r: os.setxattr(r / "srv", "trusted.overlay.opaque", b"y")),
+    ("getxattr of an overlay xattr through the mount",
+     lambda r: os.getxattr(r / "emptydir", "trusted.overlay.opaque")),
+    ("chown a lower symlink", lambda r: os.chown(r / "home/link", 7, 8, follow_symlinks=False)),
+    ("copy up a lower dir by creating in it, then remove it all",
+     lambda r: (_append(r / "var/log/new.log", "n"), _rm_tree(r / "var"))),
 ]
+
+
+def _held_write(root: Path) -> None:
+    fd = os.open(root / "home/u/notes", os.O_RDWR)
+    try:
+        os.rename(root / "home/u/notes", root / "home/notes.moved")
+        os.pwrite(fd, b"through the held handle\n", 0)
+    finally:
+        os.close(fd)
 
 
 def _pwrite(path: Path, data: bytes, offset: int) -> None:
