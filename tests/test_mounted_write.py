@@ -1,0 +1,118 @@
+"""Mounted tier: write-path behaviour that the kernel comparison cannot show."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_fuse, needs_root
+from tests.mounting import overlay_options, overlayd_mounted
+
+pytestmark = [pytest.mark.mounted, needs_fuse]
+
+GiB = 1 << 30
+
+
+def writable(stack: dict[str, Path]) -> str:
+    return overlay_options([stack["lower1"], stack["lower2"]], stack["upper"], stack["work"])
+
+
+def test_sparse_copy_up_stays_sparse(stack: dict[str, Path]) -> None:
+    lower = stack["lower2"] / "sparse"
+    with open(lower, "wb") as f:
+        f.truncate(GiB)
+        f.seek(GiB // 2)
+        f.write(b"x" * 4096)
+    lower_blocks = os.stat(lower).st_blocks
+    with overlayd_mounted(stack["mnt"], writable(stack)):
+        with open(stack["mnt"] / "sparse", "ab") as f:
+            f.write(b"!")
+        merged = os.stat(stack["mnt"] / "sparse")
+        assert merged.st_size == GiB + 1
+    upper = os.stat(stack["upper"] / "sparse")
+    assert upper.st_size == GiB + 1
+    # The data block, the appended byte's block, maybe metadata: nowhere near 1 GiB.
+    assert upper.st_blocks * 512 <= lower_blocks * 512 + 64 * 1024
+    with open(stack["upper"] / "sparse", "rb") as f:
+        f.seek(GiB // 2 - 1)
+        assert f.read(4098) == b"\0" + b"x" * 4096 + b"\0"
+
+
+def test_reader_sees_bytes_of_a_later_copy_up(stack: dict[str, Path]) -> None:
+    """The one deliberate difference from the kernel (whose old handle keeps the lower bytes)."""
+    (stack["lower2"] / "f").write_bytes(b"lower bytes")
+    with overlayd_mounted(stack["mnt"], writable(stack)):
+        # The reader reads nothing before the copy-up, so its read reaches the daemon.
+        reader = os.open(stack["mnt"] / "f", os.O_RDONLY)
+        try:
+            with open(stack["mnt"] / "f", "r+b") as writer:
+                writer.write(b"UPPER")
+            assert os.pread(reader, 100, 0) == b"UPPER bytes"
+        finally:
+            os.close(reader)
+    assert (stack["lower2"] / "f").read_bytes() == b"lower bytes"
+
+
+def test_handle_survives_copy_up_and_rename(stack: dict[str, Path]) -> None:
+    (stack["lower2"] / "f").write_bytes(b"0123456789")
+    with overlayd_mounted(stack["mnt"], writable(stack)):
+        fd = os.open(stack["mnt"] / "f", os.O_RDWR)
+        try:
+            os.rename(stack["mnt"] / "f", stack["mnt"] / "g")
+            os.pwrite(fd, b"ab", 0)
+            os.fsync(fd)
+            assert os.pread(fd, 100, 0) == b"ab23456789"
+        finally:
+            os.close(fd)
+        assert (stack["mnt"] / "g").read_bytes() == b"ab23456789"
+        assert not (stack["mnt"] / "f").exists()
+    assert (stack["upper"] / "g").read_bytes() == b"ab23456789"
+    assert stat.S_ISCHR(os.lstat(stack["upper"] / "f").st_mode)  # the whiteout left behind
+
+
+@needs_root
+def test_new_objects_belong_to_the_caller(stack: dict[str, Path]) -> None:
+    shared = stack["lower2"] / "shared"
+    shared.mkdir(mode=0o777)
+    os.chmod(shared, 0o777)
+    (stack["lower2"] / "private").write_bytes(b"root only")
+    os.chmod(stack["lower2"] / "private", 0o600)
+    script = (
+        "import os, sys\n"
+        "os.chdir(sys.argv[1])  # pytest's temp dirs are 0700: enter before dropping root\n"
+        "os.setgroups([]); os.setgid(2345); os.setuid(1234)\n"
+        "m = '.'\n"
+        "open(m + '/shared/mine', 'w').write('x')\n"
+        "os.mkdir(m + '/shared/dir')\n"
+        "os.symlink('t', m + '/shared/link')\n"
+        "try:\n"
+        "    open(m + '/private').read()\n"
+        "except PermissionError:\n"
+        "    print('EACCES')\n"
+    )
+    with overlayd_mounted(stack["mnt"], writable(stack)):
+        out = subprocess.run([sys.executable, "-c", script, str(stack["mnt"])],
+                             capture_output=True, text=True, check=True, timeout=30)
+        assert out.stdout.strip() == "EACCES"  # default_permissions: the kernel checks modes
+        for name in ("mine", "dir", "link"):
+            st = os.lstat(stack["mnt"] / "shared" / name)
+            assert (st.st_uid, st.st_gid) == (1234, 2345), name
+    for name in ("mine", "dir", "link"):
+        st = os.lstat(stack["upper"] / "shared" / name)
+        assert (st.st_uid, st.st_gid) == (1234, 2345), name
+
+
+def test_workdir_leftovers_removed_at_mount(stack: dict[str, Path]) -> None:
+    work = stack["work"] / "work"
+    work.mkdir()
+    (work / "#overlayd.1.1").write_bytes(b"half a copy")
+    (work / "#overlayd.1.2").mkdir()
+    (work / "#overlayd.1.2" / "x").write_bytes(b"")
+    (work / "#7").write_bytes(b"not ours")
+    with overlayd_mounted(stack["mnt"], writable(stack)):
+        assert sorted(os.listdir(work)) == ["#7"]
