@@ -36,7 +36,11 @@ def fuse_op(
     @functools.wraps(fn)
     async def handler(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return fn(self, *args, **kwargs)
+            try:
+                return fn(self, *args, **kwargs)
+            finally:
+                if self.overlay.stale_attrs:
+                    self.invalidate()
         except pyfuse3.FUSEError:
             raise
         except OverlayError as e:
@@ -63,6 +67,18 @@ class Operations(pyfuse3.Operations):
     def __init__(self, overlay: Overlay) -> None:
         super().__init__()
         self.overlay = overlay
+
+    def invalidate(self) -> None:
+        """Tell the kernel to drop what a change made stale behind its back."""
+        ov = self.overlay
+        attrs, ov.stale_attrs = ov.stale_attrs, []
+        for ino in attrs:
+            try:
+                # Attributes only and no writeback cache: this never blocks.
+                pyfuse3.invalidate_inode(pyfuse3.InodeT(ino), attr_only=True)
+            except OSError as e:
+                if e.errno != errno.ENOENT:  # ENOENT: the kernel holds nothing of it
+                    log.warning("cannot invalidate inode %d: %s", ino, e)
 
     def _entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         attr = pyfuse3.EntryAttributes()

@@ -42,6 +42,15 @@ class Node:
                 p is parent and n == name for p, n in self.aliases):
             self.aliases.append((parent, name))
 
+    def locate(self, parent: Node, name: bytes) -> None:
+        """Be located by *parent*/*name* from now on, keeping the old name as an alias."""
+        if parent is self.parent and name == self.name:
+            return
+        self.aliases = [(p, n) for p, n in self.aliases if p is not parent or n != name]
+        if self.parent is not None:
+            self.aliases.append((self.parent, self.name))
+        self.parent, self.name = parent, name
+
     def drop_name(self, parent: Node, name: bytes) -> None:
         """The name *parent*/*name* of this node is gone: move to another known name."""
         self.aliases = [(p, n) for p, n in self.aliases if p is not parent or n != name]

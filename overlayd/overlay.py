@@ -90,6 +90,11 @@ class Overlay:
         # still holds get a synthetic one.
         self._remap: dict[tuple[int, int], int] = {}
         self._next_synthetic = SYNTHETIC_INO_BASE
+        # Inode numbers of the names of lower hard links in a writable mount (see _node_for).
+        self._link_inos: dict[int, dict[tuple[int, bytes], int]] = {}
+        # Inodes whose attributes the kernel may cache although a change made them stale
+        # (a copied-up directory becomes merged): the adapter tells the kernel after each request.
+        self.stale_attrs: list[int] = []
         self.work_fd = -1
         if self.upper is not None and opts.workdir is not None:
             wfd = os.open(opts.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -182,13 +187,34 @@ class Overlay:
 
     def _node_for(self, parent: Node, name: bytes, found: Found) -> Node:
         ino = self.ino_for(found.layers[0], found.st)
+        if found.layers[0] != 0 and found.st.st_nlink > 1 and self.upper is not None \
+                and not found.is_dir:
+            ino = self._link_ino(ino, parent, name)
         node = self.table.get(ino)
         if node is not None and node.is_dir == found.is_dir:
-            # The same object: a directory, or one name of a hard-linked file.
+            # The same object: a directory, or one name of a hard-linked file, which from now
+            # on is located by the name just looked up (what a copy-up would copy).
             if not node.is_dir:
-                node.add_alias(parent, name)
+                node.locate(parent, name)
             return node
         return Node(ino, parent, name, found.layers, found.is_dir)
+
+    def _link_ino(self, ino: int, parent: Node, name: bytes) -> int:
+        """The inode number of one name of a lower hard link, in a writable mount.
+
+        As the kernel with index=off (ovl_hash_bylower), each name is an inode of its own, so
+        that a copy-up through one name breaks the link and the other names keep the lower
+        data. The kernel's inodes all report the origin's st_ino; a FUSE node's number is its
+        st_ino, so here the first name met has it and the others get numbers of their own.
+        """
+        names = self._link_inos.setdefault(ino, {})
+        link_ino = names.get((parent.ino, name))
+        if link_ino is None:
+            if names:
+                self._next_synthetic += 1
+                ino = self._next_synthetic
+            link_ino = names[(parent.ino, name)] = ino
+        return link_ino
 
     def remember(self, node: Node) -> None:
         self.table.remember(node)
@@ -321,6 +347,9 @@ class Overlay:
         new = os.stat(node.name, dir_fd=dst, follow_symlinks=False)
         self._remap[(new.st_dev, new.st_ino)] = node.ino
         node.layers = (0, *node.layers) if node.is_dir else (0,)
+        # What the kernel cached came from the lower object: a directory's nlink becomes 1
+        # (merged), a lower hard link's its own, the ctime the copy's.
+        self.stale_attrs.append(node.ino)
         log.debug("copied up %r", node)
 
     def _at(self, parent: Node, name: bytes, *, locate: bool = True) -> Node:
@@ -330,10 +359,8 @@ class Overlay:
         if hit is None:
             raise OverlayError("no such entry", errno.ENOENT)
         node = hit[0]
-        if locate and (node.parent is not parent or node.name != name):
-            if node.parent is not None:
-                node.add_alias(node.parent, node.name)
-            node.parent, node.name = parent, name
+        if locate:
+            node.locate(parent, name)
         return node
 
     def _lower_positive(self, parent: Node, name: bytes) -> bool:

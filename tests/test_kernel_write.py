@@ -15,26 +15,14 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import needs_fuse, needs_kernel_overlay
+from tests.differences import CHANGED, normalize
 from tests.mounting import KERNEL_PINNED, kernel_mounted, overlay_options, overlayd_mounted
 from tests.snapshot import Entry, diff_snapshots, snapshot
 from tests.write_scenario import build_lowers, run_steps
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mounted, needs_kernel_overlay, needs_fuse]
 
-CHANGED = -1  # an mtime set while the scenario ran: its exact value is a matter of timing
 OPAQUE = "trusted.overlay.opaque"
-
-
-def normalize(snap: dict[bytes, Entry], since_ns: int) -> dict[bytes, Entry]:
-    out = {}
-    for path, entry in snap.items():
-        if entry.mtime_ns >= since_ns:
-            entry = dataclasses.replace(entry, mtime_ns=CHANGED)
-        if entry.kind == stat.S_IFCHR and entry.rdev == (0, 0):
-            # The kernel (5.8+) hard-links one shared whiteout where we mknod each one.
-            entry = dataclasses.replace(entry, nlink=1, inode_group=path)
-        out[path] = entry
-    return out
 
 
 def opaque_dirs(root: Path) -> set[str]:

@@ -73,11 +73,31 @@ async def test_lookup_counts_and_forget(ops: Operations) -> None:
     assert excinfo.value.errno == errno.ESTALE
 
 
-async def test_hard_links_share_one_inode(ops: Operations) -> None:
-    f = await ops.lookup(ROOT_INODE, b"f", CTX)
-    f2 = await ops.lookup(ROOT_INODE, b"f2", CTX)
+async def test_lower_hard_links_share_one_inode_read_only(ro_ops: Operations) -> None:
+    f = await ro_ops.lookup(ROOT_INODE, b"f", CTX)
+    f2 = await ro_ops.lookup(ROOT_INODE, b"f2", CTX)
     assert f.st_ino == f2.st_ino
     assert f.st_nlink == 2
+
+
+async def test_lower_hard_links_break_on_copy_up(ops: Operations, tmp_path: Path) -> None:
+    """Writable, as the kernel with index=off: each name is its own inode, so writing through
+    one name copies up that name only."""
+    f = await ops.lookup(ROOT_INODE, b"f", CTX)
+    f2 = await ops.lookup(ROOT_INODE, b"f2", CTX)
+    assert f.st_ino != f2.st_ino
+    assert (f.st_nlink, f2.st_nlink) == (2, 2)
+    again = await ops.lookup(ROOT_INODE, b"f2", CTX)
+    assert again.st_ino == f2.st_ino  # stable per name
+    info = await ops.open(f2.st_ino, os.O_WRONLY | os.O_APPEND, CTX)
+    await ops.write(info.fh, 8, b"!")
+    await ops.release(info.fh)
+    assert sorted(os.listdir(tmp_path / "upper")) == ["f2"]
+    assert (tmp_path / "upper" / "f2").read_bytes() == b"lower2 f!"
+    assert (await ops.getattr(f2.st_ino, CTX)).st_nlink == 1
+    reader = await ops.open(f.st_ino, os.O_RDONLY, CTX)
+    assert await ops.read(reader.fh, 0, 100) == b"lower2 f"
+    await ops.release(reader.fh)
 
 
 async def test_negative_lookup_is_a_cacheable_entry(ops: Operations) -> None:

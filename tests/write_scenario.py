@@ -34,6 +34,8 @@ def build_lowers(root: Path) -> list[Path]:
     (bottom / "srv/data/a").write_text("a\n")
     (bottom / "opt/app/bin").write_text("#!/bin/sh\n")
     os.chmod(bottom / "opt/app/bin", 0o755)
+    (bottom / "srv/hl1").write_text("linked\n")
+    os.link(bottom / "srv/hl1", bottom / "srv/hl2")
     with open(bottom / "srv/sparse", "wb") as f:
         f.truncate(4 << 20)
         f.seek(1 << 20)
@@ -90,6 +92,8 @@ STEPS: list[Step] = [
     ("setxattr on a lower dir", lambda r: os.setxattr(r / "srv", "user.dir", b"d")),
     ("chmod a lower dir", lambda r: os.chmod(r / "usr/share", 0o750)),
     ("write into a sparse lower file", lambda r: _pwrite(r / "srv/sparse", b"X", 3 << 20)),
+    ("append through one name of a lower hard link", lambda r: (
+        os.stat(r / "srv/hl1"), os.stat(r / "srv/hl2"), _append(r / "srv/hl2", "new\n"))),
     ("unlink a lower file (whiteout)", lambda r: os.unlink(r / "var/log/old.log")),
     ("unlink it again", lambda r: os.unlink(r / "var/log/old.log")),
     ("create and unlink an upper file", lambda r: (_append(r / "tmpfile", "t"),

@@ -1,0 +1,42 @@
+"""The documented, deliberate differences between overlayd and the kernel's overlayfs, in one
+place: each normaliser below erases exactly one of them from a snapshot before comparison.
+
+1. Whiteouts: the kernel (5.8+) hard-links one shared whiteout inode into every place that needs
+   one; overlayd makes each with mknod. Same type and device number, different nlink and inode.
+2. Lower hard links in a writable mount: in both, each name is an inode of its own, so that a
+   copy-up through one name breaks the link (the kernel's index=off). The kernel's inodes all
+   report the origin's st_ino; a FUSE inode's number is its st_ino, so overlayd's differ.
+3. Times set while a test runs differ by timing between two runs: compare "changed" only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import stat
+
+from tests.snapshot import Entry
+
+CHANGED = -1  # an mtime set while the scenario ran
+
+
+def whiteouts_unshared(snap: dict[bytes, Entry]) -> dict[bytes, Entry]:
+    return {path: dataclasses.replace(entry, nlink=1, inode_group=path)
+            if entry.kind == stat.S_IFCHR and entry.rdev == (0, 0) else entry
+            for path, entry in snap.items()}
+
+
+def lower_links_split(snap: dict[bytes, Entry]) -> dict[bytes, Entry]:
+    return {path: dataclasses.replace(entry, inode_group=path)
+            if entry.kind != stat.S_IFDIR and entry.nlink > 1 else entry
+            for path, entry in snap.items()}
+
+
+def recent_times(snap: dict[bytes, Entry], since_ns: int) -> dict[bytes, Entry]:
+    return {path: dataclasses.replace(entry, mtime_ns=CHANGED)
+            if entry.mtime_ns >= since_ns else entry
+            for path, entry in snap.items()}
+
+
+def normalize(snap: dict[bytes, Entry], since_ns: int) -> dict[bytes, Entry]:
+    """Every difference above erased: for trees changed through a writable mount."""
+    return lower_links_split(whiteouts_unshared(recent_times(snap, since_ns)))
