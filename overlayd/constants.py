@@ -22,6 +22,8 @@ OPAQUE_XATTRS = (
     b"user.fuseoverlayfs.opaque",
 )
 OPAQUE_VALUE = b"y"
+# A renamed directory's origin in the layers below (redirect_dir): "/abs/path" or "name".
+REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
 
 # Xattrs that describe the overlay itself: never listed, read or written through the mount
 # (the kernel hides trusted.overlay.*; we hide every overlay family we read).

@@ -12,14 +12,16 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+from overlayd.layers import Location
+
 ROOT_INODE = 1  # FUSE's fixed root node id (pyfuse3.ROOT_INODE), kept here for the pure core
 
 
 class Node:
     """An object of the merged tree."""
 
-    __slots__ = ("aliases", "fds", "ino", "is_dir", "layers", "lookups", "name", "parent",
-                 "unlinked")
+    __slots__ = ("aliases", "fds", "ino", "is_dir", "layers", "locations", "lookups", "name",
+                 "parent", "unlinked")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, layers: tuple[int, ...],
                  is_dir: bool) -> None:
@@ -36,6 +38,8 @@ class Node:
         # is located by can move it to another one.
         self.aliases: list[tuple[Node, bytes]] = []
         self.fds: dict[int, int] = {}  # layer index -> open dir fd (directories only)
+        # Layers where a redirect puts this directory elsewhere than parent/name.
+        self.locations: dict[int, Location] = {}
 
     def add_alias(self, parent: Node, name: bytes) -> None:
         if (parent is not self.parent or name != self.name) and not any(

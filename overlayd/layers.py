@@ -20,7 +20,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from overlayd.constants import OPAQUE_MARKER, WHITEOUT_PREFIX
-from overlayd.ondisk import fd_path, has_oci_whiteout, is_opaque_dir, is_whiteout
+from overlayd.ondisk import (
+    fd_path,
+    has_oci_whiteout,
+    is_opaque_dir,
+    is_whiteout,
+    read_redirect,
+)
 
 DirStack = Sequence[tuple[int, int]]
 
@@ -37,12 +43,20 @@ class Layer:
     upper: bool
 
 
+# Where a redirected directory lies in a layer: (absolute, components). Absolute paths start at
+# the layer's root; relative ones at the parent directory's counterpart in that layer.
+Location = tuple[bool, tuple[bytes, ...]]
+
+
 @dataclass(frozen=True)
 class Found:
     """A name resolved through a directory stack."""
 
     layers: tuple[int, ...]  # the layers holding the object, top first (one for non-dirs)
     st: os.stat_result  # the top object's stat
+    # Layers where a redirect (trusted.overlay.redirect) put the directory elsewhere than at
+    # the same name in the parent's counterpart.
+    locations: tuple[tuple[int, Location], ...] = ()
 
     @property
     def is_dir(self) -> bool:
@@ -58,35 +72,93 @@ def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
-def resolve(dirs: DirStack, name: bytes) -> Found | None:
-    """Resolve *name* in the merged directory *dirs*; None when the merged view has no such name."""
+def resolve(dirs: DirStack, name: bytes, roots: Sequence[int] = (),
+            follow: bool = True) -> Found | None:
+    """Resolve *name* in the merged directory *dirs*; None when the merged view has no such name.
+
+    *roots* are the layers' root fds, by layer index, for absolute redirects; with *follow*,
+    a directory's redirect xattr says where to continue in the layers below (the kernel's
+    redirect_dir, which it follows by default: redirect_always_follow).
+    """
     if name.startswith(WHITEOUT_PREFIX):
         return None  # whiteout files and opaque markers are never part of the merged view
     top: os.stat_result | None = None
     found: list[int] = []
-    for index, dir_fd in dirs:
-        st = _lstat_at(dir_fd, name)
-        if st is None:
-            if has_oci_whiteout(dir_fd, name):
-                break
+    locations: list[tuple[int, Location]] = []
+    where: Location = (False, (name,))
+    candidates = list(dirs)
+    pos = 0
+    while pos < len(candidates):
+        index, parent_fd = candidates[pos]
+        pos += 1
+        absolute, parts = where
+        base = walk_dirs(roots[index] if absolute else parent_fd, parts[:-1])
+        if base is None:
             continue
-        if is_whiteout(st):
-            break
-        if not stat.S_ISDIR(st.st_mode):
-            if top is None:
-                top = st
+        leaf = parts[-1]
+        try:
+            stop, is_dir, st = _probe(base, leaf)
+            if st is not None and (top is None or is_dir):
+                if top is None:
+                    top = st
                 found.append(index)
-            break  # a non-dir on top ends the search; below a dir it ends the merge
-        if top is None:
-            top = st
-        found.append(index)
-        # An OCI layer that deleted and re-created a directory holds both NAME and .wh.NAME:
-        # the whiteout still hides the layers below (whiteouts apply to lower layers only).
-        if is_opaque_dir(fd_path(dir_fd, name)) or has_oci_whiteout(dir_fd, name):
-            break
+                if where != (False, (name,)):
+                    locations.append((index, where))
+            if stop or st is None:
+                if stop:
+                    break
+                continue
+            if not is_dir:
+                break  # a non-dir on top ends the search; below a dir it ends the merge
+            redirect = read_redirect(fd_path(base, leaf)) if follow else None
+        finally:
+            if base != (roots[index] if absolute else parent_fd):
+                os.close(base)
+        if redirect is not None:
+            if redirect.startswith(b"/"):
+                where = (True, tuple(p for p in redirect.split(b"/") if p))
+                # An absolute redirect continues in every layer below, not only the parent's.
+                candidates = candidates[:pos] + [(i, -1) for i in range(index + 1, len(roots))]
+            else:
+                where = (where[0], (*where[1][:-1], redirect))
     if top is None:
         return None
-    return Found(tuple(found), top)
+    return Found(tuple(found), top, tuple(locations))
+
+
+def walk_dirs(base: int, parts: tuple[bytes, ...]) -> int | None:
+    """Open the directory *parts* below *base* (no symlinks followed); None if it is not there.
+    Returns *base* itself for no parts; any other fd is the caller's to close."""
+    fd = base
+    for part in parts:
+        try:
+            nxt = open_dir_at(fd, part)
+        except OSError as e:
+            if not is_missing(e):
+                raise
+            nxt = None
+        finally:
+            if fd != base:
+                os.close(fd)
+        if nxt is None:
+            return None
+        fd = nxt
+    return fd
+
+
+def _probe(dir_fd: int, name: bytes) -> tuple[bool, bool, os.stat_result | None]:
+    """Look at *name* in one layer: (stop the search here, is a directory, its stat)."""
+    st = _lstat_at(dir_fd, name)
+    if st is None:
+        return has_oci_whiteout(dir_fd, name), False, None
+    if is_whiteout(st):
+        return True, False, None
+    if not stat.S_ISDIR(st.st_mode):
+        return False, False, st
+    # An OCI layer that deleted and re-created a directory holds both NAME and .wh.NAME: the
+    # whiteout still hides the layers below (whiteouts apply to lower layers only).
+    stop = is_opaque_dir(fd_path(dir_fd, name)) or has_oci_whiteout(dir_fd, name)
+    return stop, True, st
 
 
 def list_merged(dirs: DirStack) -> list[bytes]:

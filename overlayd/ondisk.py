@@ -18,6 +18,7 @@ from overlayd.constants import (
     OPAQUE_VALUE,
     OPAQUE_XATTRS,
     PRIVATE_XATTR_PREFIXES,
+    REDIRECT_XATTRS,
     WHITEOUT_PREFIX,
 )
 
@@ -114,3 +115,17 @@ def is_opaque_dir(path: bytes, dir_fd_of_dir: int | None = None) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+def read_redirect(path: bytes) -> bytes | None:
+    """The redirect of the directory at *path* (the kernel's redirect_dir), in any format."""
+    for xname in REDIRECT_XATTRS:
+        try:
+            value = os.getxattr(path, xname, follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                continue
+            raise
+        if value:
+            return value
+    return None

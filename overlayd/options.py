@@ -42,13 +42,13 @@ IGNORED_FLAGS = frozenset({
 IGNORED_KEYS = frozenset({"context", "fscontext", "defcontext", "rootcontext", "comment"})
 # Kernel options whose value must be the one we implement (the kernel's defaults here).
 PINNED = {
-    "redirect_dir": frozenset({"off", "nofollow"}),
     "index": frozenset({"off"}),
     "metacopy": frozenset({"off"}),
     "nfs_export": frozenset({"off"}),
     "xino": frozenset({"off", "auto", "on"}),  # we always number inodes xino-style
     "uuid": frozenset({"on", "off", "null", "auto"}),
 }
+REDIRECT_DIR_VALUES = ("follow", "nofollow", "off", "on")
 # Known, but not implemented yet: refused with a clear message rather than ignored.
 NOT_YET = frozenset({
     "uidmapping", "gidmapping", "squash_to_root", "squash_to_uid", "squash_to_gid", "userxattr",
@@ -65,6 +65,17 @@ class MountOptions:
     read_only: bool = False
     fsync: bool = True  # volatile / fsync=0 trade durability away explicitly
     static_nlink: bool = False  # fuse-overlayfs's: every directory reports nlink 1
+    # redirect_dir: "on" moves merged directories by writing a redirect; "follow" and "off"
+    # (the kernel's default with redirect_always_follow) only read them; "nofollow" neither.
+    redirect_dir: str = "off"
+
+    @property
+    def redirect_create(self) -> bool:
+        return self.redirect_dir == "on"
+
+    @property
+    def redirect_follow(self) -> bool:
+        return self.redirect_dir != "nofollow"
     ignored: tuple[str, ...] = field(default=())
 
     @property
@@ -133,6 +144,7 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
     read_only = False
     fsync = True
     static_nlink = False
+    redirect_dir = "off"
     ignored: list[str] = []
     for text in option_strings:
         for item in _split_options(text):
@@ -167,6 +179,11 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 fsync = value == "1"
             elif key == "xattr_permissions" and value == "0":
                 ignored.append(item)  # fuse-overlayfs's default: xattrs carry no permissions
+            elif key == "redirect_dir":
+                if value not in REDIRECT_DIR_VALUES:
+                    raise UsageError(f"option {item!r} is not supported "
+                                     f"(redirect_dir= takes {', '.join(REDIRECT_DIR_VALUES)})")
+                redirect_dir = value
             elif key == "static_nlink" and not has_value:
                 static_nlink = True
             elif (not has_value and key in IGNORED_FLAGS) or key.startswith("x-") or (
@@ -190,7 +207,7 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
     if len(lowers) > MAX_LAYERS:  # the kernel's limit counts lower layers only
         raise UsageError(f"too many layers: {len(lowers)} lower layers (at most {MAX_LAYERS})")
     return MountOptions(lowers, upper, work, frozenset(fuse), read_only, fsync, static_nlink,
-                        tuple(ignored))
+                        redirect_dir, tuple(ignored))
 
 
 def _is_within(inner: bytes, outer: bytes) -> bool:

@@ -18,14 +18,29 @@ from dataclasses import dataclass
 from overlayd import copyup
 from overlayd.constants import (
     OPAQUE_XATTRS,
+    REDIRECT_XATTRS,
     SYNTHETIC_INO_BASE,
     WHITEOUT_PREFIX,
     XINO_SHIFT,
 )
 from overlayd.errors import OverlayError, ReadOnly
 from overlayd.inodes import ROOT_INODE, InodeTable, Node
-from overlayd.layers import DirStack, Found, Layer, list_merged, open_dir_at, resolve
-from overlayd.ondisk import fd_path, is_whiteout, xattr_from_disk, xattr_to_disk
+from overlayd.layers import (
+    DirStack,
+    Found,
+    Layer,
+    list_merged,
+    open_dir_at,
+    resolve,
+    walk_dirs,
+)
+from overlayd.ondisk import (
+    fd_path,
+    is_whiteout,
+    read_redirect,
+    xattr_from_disk,
+    xattr_to_disk,
+)
 from overlayd.options import MountOptions
 from overlayd.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 
@@ -79,6 +94,7 @@ class Overlay:
         self.opts = opts
         self.layers = layers
         self.upper = layers[0] if layers[0].upper else None
+        self.roots = [layer.fd for layer in layers]
         root = Node(ROOT_INODE, None, b"", tuple(layer.index for layer in layers), True)
         root.fds = {layer.index: layer.fd for layer in layers}
         self.table = InodeTable(root)
@@ -103,7 +119,9 @@ class Overlay:
             finally:
                 os.close(wfd)
         # The kernel's format when privileged; user.overlay.* (its userxattr format) otherwise.
-        self.opaque_xattr = OPAQUE_XATTRS[0] if os.geteuid() == 0 else OPAQUE_XATTRS[1]
+        privileged = os.geteuid() == 0
+        self.opaque_xattr = OPAQUE_XATTRS[0 if privileged else 1]
+        self.redirect_xattr = REDIRECT_XATTRS[0 if privileged else 1]
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -156,7 +174,16 @@ class Overlay:
         if fd is None:
             assert node.parent is not None
             assert node.is_dir
-            fd = open_dir_at(self.dir_fd(node.parent, layer), node.name)
+            where = node.locations.get(layer) if node.locations else None
+            if where is None:
+                fd = open_dir_at(self.dir_fd(node.parent, layer), node.name)
+            else:
+                absolute, parts = where
+                base = self.roots[layer] if absolute else self.dir_fd(node.parent, layer)
+                opened = walk_dirs(base, parts)
+                if opened is None or opened == base:
+                    raise OverlayError("redirected directory vanished", errno.ENOENT)
+                fd = opened
             node.fds[layer] = fd
         return fd
 
@@ -180,10 +207,13 @@ class Overlay:
         if name == b"..":
             up = parent.parent or parent
             return up, self.stat(up)
-        found = resolve(self.dir_stack(parent), name)
+        found = self._resolve(parent, name)
         if found is None:
             return None
         return self._node_for(parent, name, found), found.st
+
+    def _resolve(self, parent: Node, name: bytes) -> Found | None:
+        return resolve(self.dir_stack(parent), name, self.roots, self.opts.redirect_follow)
 
     def _node_for(self, parent: Node, name: bytes, found: Found) -> Node:
         ino = self.ino_for(found.layers[0], found.st)
@@ -197,7 +227,10 @@ class Overlay:
             if not node.is_dir:
                 node.locate(parent, name)
             return node
-        return Node(ino, parent, name, found.layers, found.is_dir)
+        node = Node(ino, parent, name, found.layers, found.is_dir)
+        if found.locations:
+            node.locations = dict(found.locations)
+        return node
 
     def _link_ino(self, ino: int, parent: Node, name: bytes) -> int:
         """The inode number of one name of a lower hard link, in a writable mount.
@@ -366,7 +399,8 @@ class Overlay:
     def _lower_positive(self, parent: Node, name: bytes) -> bool:
         """Whether a lower layer shows *name* in *parent* (removing it then needs a whiteout)."""
         lower = [(i, fd) for i, fd in self.dir_stack(parent) if i != 0]
-        return bool(lower) and resolve(lower, name) is not None
+        return bool(lower) and resolve(lower, name, self.roots,
+                                       self.opts.redirect_follow) is not None
 
     def _make_whiteout(self, dir_fd: int, name: bytes) -> None:
         try:
@@ -529,26 +563,35 @@ class Overlay:
             raise OverlayError("target exists", errno.EEXIST)
         if flags & RENAME_EXCHANGE and dst is None:
             raise OverlayError("no target to exchange with", errno.ENOENT)
-        for node in (src, dst if flags & RENAME_EXCHANGE else None):
+        moving = [src, dst] if flags & RENAME_EXCHANGE else [src]
+        redirected = [n for n in moving
+                      if n is not None and n.is_dir and (n.top != 0 or len(n.layers) > 1)]
+        if redirected and not self.opts.redirect_create:
             # redirect_dir=off, the kernel's default: a directory with lower parts cannot move;
             # callers such as mv fall back to copying.
-            if node is not None and node.is_dir and (node.top != 0 or len(node.layers) > 1):
-                raise OverlayError("merged or lower directory", errno.EXDEV)
+            raise OverlayError("merged or lower directory", errno.EXDEV)
         if dst is src and old_parent is new_parent and old_name == new_name:
             return
         opfd = self.upper_dir_fd(old_parent)
         npfd = self.upper_dir_fd(new_parent)
         self.copy_up(src)
+        samedir = old_parent is new_parent
         if flags & RENAME_EXCHANGE:
             assert dst is not None
             dst = self._at(new_parent, new_name)
             self.copy_up(dst)
+            for node in redirected:
+                self._set_redirect(node, samedir)
             renameat2(opfd, old_name, npfd, new_name, RENAME_EXCHANGE)
             for node, parent, name in ((src, new_parent, new_name), (dst, old_parent, old_name)):
                 node.parent, node.name = parent, name
-                if node.is_dir and len(parent.layers) > 1:
+                if node in redirected:
+                    self._relocate(node)
+                elif node.is_dir and len(parent.layers) > 1:
                     copyup.set_opaque(self.xattr_path(node), self.opaque_xattr)
             return
+        for node in redirected:
+            self._set_redirect(node, samedir)
         if dst is not None:
             if dst.is_dir and not src.is_dir:
                 raise OverlayError("target is a directory", errno.EISDIR)
@@ -560,7 +603,7 @@ class Overlay:
                 if dst.top == 0:
                     self._clear_dir(dst)
         if src.is_dir:
-            if len(new_parent.layers) > 1:
+            if len(new_parent.layers) > 1 and src not in redirected:
                 # As the kernel's ovl_rename: a directory moved into a merged directory is
                 # made opaque, so lower entries of the same name never merge into it.
                 copyup.set_opaque(self.xattr_path(src), self.opaque_xattr)
@@ -584,6 +627,40 @@ class Overlay:
             if dst.is_dir:
                 dst.close_fds()
         src.parent, src.name = new_parent, new_name
+        if src in redirected:
+            self._relocate(src)
+
+    def _set_redirect(self, node: Node, samedir: bool) -> None:
+        """Before moving the merged directory *node*, record where its lower parts are (the
+        kernel's ovl_set_redirect): its name for a move within one directory, else its absolute
+        path, built from the names and redirects of its ancestors."""
+        current = read_redirect(self.xattr_path(node))
+        if current is not None and (samedir or current.startswith(b"/")):
+            return  # still says where the lower parts are
+        if samedir:
+            value = node.name
+        else:
+            parts: list[bytes] = []
+            walker: Node | None = node
+            while walker is not None and walker.parent is not None:
+                own = read_redirect(self.xattr_path(walker)) if walker.top == 0 else None
+                parts.append(own if own is not None else walker.name)
+                if own is not None and own.startswith(b"/"):
+                    break
+                walker = walker.parent
+            value = b"/".join(reversed(parts))
+            if not value.startswith(b"/"):
+                value = b"/" + value
+        os.setxattr(self.xattr_path(node), self.redirect_xattr, value, follow_symlinks=False)
+
+    def _relocate(self, node: Node) -> None:
+        """After a redirected move: where the directory's lower parts are, seen from its new
+        place (the fds already open stay valid; the locations serve reopening)."""
+        assert node.parent is not None
+        found = self._resolve(node.parent, node.name)
+        if found is not None:
+            node.layers = found.layers
+            node.locations = dict(found.locations)
 
     def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,

@@ -1,6 +1,7 @@
 """Kernel comparison of the write path: the same changes through the kernel's overlay and
 overlayd give the same errno at every step, the same merged tree, the same upper layer on disk,
-and each upper layer reads the same when mounted by the other implementation."""
+and each upper layer reads the same when mounted by the other implementation. Two scenarios:
+the default (redirect_dir=off: merged directories cannot move) and redirect_dir=on."""
 
 from __future__ import annotations
 
@@ -18,31 +19,60 @@ from tests.conftest import needs_fuse, needs_kernel_overlay
 from tests.differences import CHANGED, normalize
 from tests.mounting import KERNEL_PINNED, kernel_mounted, overlay_options, overlayd_mounted
 from tests.snapshot import Entry, diff_snapshots, snapshot
-from tests.write_scenario import build_lowers, run_steps
+from tests.write_scenario import REDIRECT_STEPS, STEPS, Step, build_lowers, run_steps
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mounted, needs_kernel_overlay, needs_fuse]
 
-OPAQUE = "trusted.overlay.opaque"
+MARKS = ("trusted.overlay.opaque", "trusted.overlay.redirect")
 
 
-def opaque_dirs(root: Path) -> set[str]:
-    found = set()
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+    steps: list[Step]
+    options: str  # added to both mounts' options
+    kernel_pins: str  # the kernel's semantics pinned (its module defaults may differ)
+    # What the scenario must show, so that it cannot pass by doing nothing:
+    errnos: frozenset[str]  # outcomes among its steps
+    marked: frozenset[str]  # upper directories with an opaque or redirect xattr
+    whiteouts: frozenset[bytes]  # some of the whiteouts it leaves
+
+
+SCENARIOS = {
+    "default": Scenario(
+        STEPS, "", KERNEL_PINNED,
+        frozenset({"ok", "ENOENT", "ENOTEMPTY", "EXDEV", "EEXIST", "ENODATA", "EISDIR",
+                   "ENOTDIR", "EINVAL", "EPERM"}),
+        frozenset({"emptydir", "srv/data", "movedst", "emptyup"}),
+        frozenset({b"opt/app", b"var", b"etc/hosts", b"etc/motd"})),
+    "redirect_dir=on": Scenario(
+        REDIRECT_STEPS, ",redirect_dir=on",
+        KERNEL_PINNED.replace("redirect_dir=off", "redirect_dir=on"),
+        frozenset({"ok", "EINVAL", "ENOTEMPTY"}),
+        frozenset({"etc", "opt", "srv/etc3", "movedst"}),
+        frozenset({b"usr/share", b"srv/etc3/motd"})),
+}
+
+
+def overlay_marks(root: Path) -> dict[str, dict[str, bytes]]:
+    """The opaque and redirect xattrs of every directory under *root*."""
+    found: dict[str, dict[str, bytes]] = {}
     for dirpath, _dirs, _files in os.walk(root):
-        try:
-            if os.getxattr(dirpath, OPAQUE) == b"y":
-                found.add(os.path.relpath(dirpath, root))
-        except OSError:
-            pass
+        for mark in MARKS:
+            try:
+                value = os.getxattr(dirpath, mark)
+            except OSError:
+                continue
+            found.setdefault(os.path.relpath(dirpath, root), {})[mark] = value
     return found
 
 
 @contextlib.contextmanager
-def mounted(kind: str, mnt: Path, opts: str) -> Iterator[None]:
+def mounted(kind: str, mnt: Path, opts: str, scenario: Scenario) -> Iterator[None]:
     if kind == "kernel":
-        with kernel_mounted(mnt, opts + "," + KERNEL_PINNED):
+        with kernel_mounted(mnt, opts + scenario.options + "," + scenario.kernel_pins):
             yield
     else:
-        with overlayd_mounted(mnt, opts):
+        with overlayd_mounted(mnt, opts + scenario.options):
             yield
 
 
@@ -53,26 +83,30 @@ class Run:
     outcomes: list[tuple[str, str]]
     merged: dict[bytes, Entry]
     upper: dict[bytes, Entry]
-    opaque: set[str]
+    marks: dict[str, dict[str, bytes]]
+    scenario: Scenario
 
 
-def run(kind: str, base: Path, since_ns: int) -> Run:
+def run(kind: str, base: Path, since_ns: int, scenario: Scenario) -> Run:
     base.mkdir()
     lowers = build_lowers(base)
     for name in ("upper", "work", "mnt"):
         (base / name).mkdir()
-    with mounted(kind, base / "mnt", overlay_options(lowers, base / "upper", base / "work")):
-        outcomes = run_steps(base / "mnt")
+    opts = overlay_options(lowers, base / "upper", base / "work")
+    with mounted(kind, base / "mnt", opts, scenario):
+        outcomes = run_steps(base / "mnt", scenario.steps)
         merged = normalize(snapshot(base / "mnt"), since_ns)
     upper = normalize(snapshot(base / "upper"), since_ns)
-    return Run(base, lowers, outcomes, merged, upper, opaque_dirs(base / "upper"))
+    return Run(base, lowers, outcomes, merged, upper, overlay_marks(base / "upper"), scenario)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+@pytest.fixture(scope="module", params=list(SCENARIOS))
+def runs(request: pytest.FixtureRequest,
+         tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+    scenario = SCENARIOS[request.param]
     base = tmp_path_factory.mktemp("write")
     since = time.time_ns() - 1_000_000_000
-    return {kind: run(kind, base / kind, since) for kind in ("kernel", "overlayd")}
+    return {kind: run(kind, base / kind, since, scenario) for kind in ("kernel", "overlayd")}
 
 
 def test_same_outcome_at_every_step(runs: dict[str, Run]) -> None:
@@ -82,7 +116,7 @@ def test_same_outcome_at_every_step(runs: dict[str, Run]) -> None:
               for (title, k), (_, o) in zip(kernel, ours, strict=True) if k != o]
     assert differ == []
     # The scenario exercises failures as well as successes.
-    assert {o for _, o in kernel} >= {"ok", "ENOENT", "ENOTEMPTY", "EXDEV", "EEXIST", "ENODATA"}
+    assert {o for _, o in kernel} >= runs["kernel"].scenario.errnos
 
 
 def test_same_merged_tree(runs: dict[str, Run]) -> None:
@@ -91,14 +125,14 @@ def test_same_merged_tree(runs: dict[str, Run]) -> None:
 
 def test_same_upper_layer_on_disk(runs: dict[str, Run]) -> None:
     assert diff_snapshots(runs["kernel"].upper, runs["overlayd"].upper) == []
-    assert runs["kernel"].opaque == runs["overlayd"].opaque
-    assert runs["overlayd"].opaque == {"emptydir", "srv/data", "movedst", "emptyup"}
+    assert runs["kernel"].marks == runs["overlayd"].marks
+    assert set(runs["overlayd"].marks) >= runs["overlayd"].scenario.marked
 
 
 def test_upper_whiteouts_are_kernel_whiteouts(runs: dict[str, Run]) -> None:
     upper = runs["overlayd"].upper
     whiteouts = {p for p, e in upper.items() if e.kind == stat.S_IFCHR and e.rdev == (0, 0)}
-    assert whiteouts >= {b"opt/app", b"var", b"etc/hosts", b"etc/motd"}
+    assert whiteouts >= runs["overlayd"].scenario.whiteouts
 
 
 def test_workdir_left_clean(runs: dict[str, Run]) -> None:
@@ -111,7 +145,7 @@ def test_cross_mount(runs: dict[str, Run], writer: str, reader: str) -> None:
     written = runs[writer]
     mnt = written.base / "mnt"
     opts = overlay_options(written.lowers, written.base / "upper", written.base / "work")
-    with mounted(reader, mnt, opts):
+    with mounted(reader, mnt, opts, written.scenario):
         view = snapshot(mnt)
     since = min(e.mtime_ns for e in written.merged.values() if e.mtime_ns != CHANGED) + 1
     since = max(since, time.time_ns() - 3600 * 10**9)

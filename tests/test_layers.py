@@ -469,3 +469,53 @@ def test_fd_path(tmp_path: Path, open_stack: OpenStack) -> None:
     (tmp_path / "x").write_bytes(b"hello")
     with open(fd_path(fd, b"x"), "rb") as f:
         assert f.read() == b"hello"
+
+
+def test_relative_redirect_continues_at_the_other_name(tmp_path: Path,
+                                                       open_stack: OpenStack) -> None:
+    top, mid, bottom = layers(tmp_path, 3)
+    (top / "new").mkdir()
+    os.setxattr(top / "new", "user.overlay.redirect", b"old")
+    (mid / "old").mkdir()
+    (bottom / "old").mkdir()
+    (bottom / "new").mkdir()  # not merged: the redirect points elsewhere
+    stack = open_stack(top, mid, bottom)
+    found = resolve(stack, b"new", [fd for _, fd in stack])
+    assert found is not None
+    assert found.layers == (0, 1, 2)
+    assert found.locations == ((1, (False, (b"old",))), (2, (False, (b"old",))))
+    # Not following: the same name below.
+    plain = resolve(stack, b"new", [fd for _, fd in stack], follow=False)
+    assert plain is not None
+    assert (plain.layers, plain.locations) == ((0, 2), ())
+
+
+def test_absolute_redirect_walks_from_the_layer_roots(tmp_path: Path,
+                                                      open_stack: OpenStack) -> None:
+    top, bottom = layers(tmp_path, 2)
+    (top / "a").mkdir()
+    (top / "a" / "moved").mkdir()
+    os.setxattr(top / "a" / "moved", "user.overlay.redirect", b"/x/y/orig")
+    (bottom / "x" / "y" / "orig").mkdir(parents=True)
+    stack = open_stack(top, bottom)
+    roots = [fd for _, fd in stack]
+    a_fd = os.open(top / "a", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        found = resolve([(0, a_fd)], b"moved", roots)  # the parent is upper-only
+    finally:
+        os.close(a_fd)
+    assert found is not None
+    assert found.layers == (0, 1)
+    assert found.locations == ((1, (True, (b"x", b"y", b"orig"))),)
+
+
+def test_redirect_to_nothing_leaves_the_upper_alone(tmp_path: Path,
+                                                    open_stack: OpenStack) -> None:
+    top, bottom = layers(tmp_path, 2)
+    (top / "d").mkdir()
+    os.setxattr(top / "d", "user.overlay.redirect", b"/gone/away")
+    (bottom / "d").mkdir()
+    stack = open_stack(top, bottom)
+    found = resolve(stack, b"d", [fd for _, fd in stack])
+    assert found is not None
+    assert (found.layers, found.locations) == ((0,), ())

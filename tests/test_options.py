@@ -198,16 +198,13 @@ def test_trailing_backslash() -> None:
     assert "trailing backslash" in usage_error("lowerdir=/l\\")
 
 
-@pytest.mark.parametrize("item", ["redirect_dir=off", "redirect_dir=nofollow", "index=off",
-                                  "metacopy=off", "nfs_export=off", "xino=auto", "uuid=null"])
+@pytest.mark.parametrize("item", ["index=off", "metacopy=off", "nfs_export=off", "xino=auto",
+                                  "uuid=null"])
 def test_pinned_options_with_our_value(item: str) -> None:
     assert parse_options([f"lowerdir=/l,{item}"]).ignored == (item,)
 
 
 @pytest.mark.parametrize(("item", "allowed"), [
-    ("redirect_dir=on", "nofollow, off"),
-    ("redirect_dir=follow", "nofollow, off"),
-    ("redirect_dir", "nofollow, off"),
     ("index=on", "off"),
     ("metacopy=on", "off"),
     ("nfs_export=on", "off"),
@@ -216,6 +213,28 @@ def test_pinned_options_refused(item: str, allowed: str) -> None:
     key = item.partition("=")[0]
     assert usage_error(f"lowerdir=/l,{item}") == (
         f"option {item!r} is not supported ({key}= takes {allowed})")
+
+
+@pytest.mark.parametrize(("value", "create", "follow"), [
+    ("on", True, True), ("follow", False, True), ("off", False, True),
+    ("nofollow", False, False),
+])
+def test_redirect_dir(value: str, create: bool, follow: bool) -> None:
+    opts = parse_options([f"lowerdir=/l,redirect_dir={value}"])
+    assert (opts.redirect_create, opts.redirect_follow) == (create, follow)
+
+
+def test_redirect_dir_default_follows_as_the_kernel() -> None:
+    # The kernel's redirect_dir=off follows redirects when redirect_always_follow is set,
+    # as Debian's kernels have it.
+    opts = parse_options(["lowerdir=/l"])
+    assert (opts.redirect_create, opts.redirect_follow) == (False, True)
+
+
+@pytest.mark.parametrize("item", ["redirect_dir=yes", "redirect_dir"])
+def test_redirect_dir_bad_value(item: str) -> None:
+    assert usage_error(f"lowerdir=/l,{item}") == (
+        f"option {item!r} is not supported (redirect_dir= takes follow, nofollow, off, on)")
 
 
 def test_max_layers_accepted() -> None:
