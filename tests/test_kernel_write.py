@@ -150,3 +150,18 @@ def test_cross_mount(runs: dict[str, Run], writer: str, reader: str) -> None:
     since = min(e.mtime_ns for e in written.merged.values() if e.mtime_ns != CHANGED) + 1
     since = max(since, time.time_ns() - 3600 * 10**9)
     assert diff_snapshots(normalize(view, since), written.merged) == []
+
+
+def test_read_only_mount_refuses_like_the_kernel(tmp_path: Path) -> None:
+    """Without an upper layer, every step fails with the kernel's errno (EROFS for changes)."""
+    outcomes = {}
+    for kind in ("kernel", "overlayd"):
+        base = tmp_path / kind
+        base.mkdir()
+        lowers = build_lowers(base)
+        (base / "mnt").mkdir()
+        with mounted(kind, base / "mnt", overlay_options(lowers), SCENARIOS["default"]):
+            outcomes[kind] = run_steps(base / "mnt")
+    assert outcomes["kernel"] == outcomes["overlayd"]
+    refused = [title for title, outcome in outcomes["overlayd"] if outcome == "EROFS"]
+    assert len(refused) >= 30, outcomes["overlayd"]
