@@ -32,6 +32,12 @@ PRIVATE_XATTR_PREFIXES = (
     b"user.overlay.",
     b"user.fuseoverlayfs.",
 )
+# A copied-up object's inode number, recorded at copy-up so that a remount shows the same st_ino
+# (the kernel derives it from its trusted.overlay.origin file handle). Inside the kernel's private
+# namespace, so that its mount of our upper layer hides it too; not under the escape prefix
+# "trusted.overlay.overlay." (the name goes on with "d", not ".").
+INO_XATTRS = (b"trusted.overlay.overlayd.ino", b"user.overlay.overlayd.ino")
+
 # The kernel's escaping (6.7+, for overlays nested in overlays): trusted.overlay.X set through
 # the mount is stored as trusted.overlay.overlay.X, and shown unescaped. We escape user.overlay.*
 # the same way, since we read that family as private on every mount.

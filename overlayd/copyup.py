@@ -14,7 +14,7 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from overlayd.constants import OPAQUE_VALUE, WORK_SUBDIR
 from overlayd.ondisk import fd_path, xattr_from_disk
@@ -128,7 +128,7 @@ def copy_xattrs(src_path: bytes, dst_path: bytes) -> None:
 
 
 def build_copy(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, tmp: bytes,
-               *, data: bool, fsync: bool) -> None:
+               *, data: bool, fsync: bool, xattrs: Sequence[tuple[bytes, bytes]] = ()) -> None:
     """Build a copy of the object *name* (stat *st*) as *tmp* in the work directory.
 
     Order matters: owner first (chown clears setuid bits and capabilities), then xattrs (writing
@@ -155,6 +155,8 @@ def build_copy(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, t
             os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=work_fd)
         os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work_fd, follow_symlinks=False)
         copy_xattrs(fd_path(src_dir_fd, name), fd_path(work_fd, tmp))
+        for xname, value in xattrs:
+            os.setxattr(fd_path(work_fd, tmp), xname, value, follow_symlinks=False)
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
             os.chmod(tmp, stat.S_IMODE(st.st_mode), dir_fd=work_fd)
         os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=work_fd,
@@ -167,12 +169,14 @@ def build_copy(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, t
 
 
 def copy_up(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, dst_dir_fd: int,
-            *, data: bool = True, fsync: bool = True) -> None:
-    """Copy the lower object *name* into the upper directory *dst_dir_fd*, atomically."""
+            *, data: bool = True, fsync: bool = True,
+            xattrs: Sequence[tuple[bytes, bytes]] = ()) -> None:
+    """Copy the lower object *name* into the upper directory *dst_dir_fd*, atomically, adding
+    *xattrs* to the copy."""
     tmp = temp_name()
     parent = os.fstat(dst_dir_fd)
     try:
-        build_copy(src_dir_fd, name, st, work_fd, tmp, data=data, fsync=fsync)
+        build_copy(src_dir_fd, name, st, work_fd, tmp, data=data, fsync=fsync, xattrs=xattrs)
         renameat2(work_fd, tmp, dst_dir_fd, name, RENAME_NOREPLACE)
     except BaseException:
         _discard(work_fd, tmp)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from overlayd import copyup
 from overlayd.constants import (
+    INO_XATTRS,
     OPAQUE_XATTRS,
     REDIRECT_XATTRS,
     SYNTHETIC_INO_BASE,
@@ -122,6 +123,7 @@ class Overlay:
         privileged = os.geteuid() == 0
         self.opaque_xattr = OPAQUE_XATTRS[0 if privileged else 1]
         self.redirect_xattr = REDIRECT_XATTRS[0 if privileged else 1]
+        self.ino_xattr = INO_XATTRS[0 if privileged else 1]
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -216,6 +218,8 @@ class Overlay:
         return resolve(self.dir_stack(parent), name, self.roots, self.opts.redirect_follow)
 
     def _node_for(self, parent: Node, name: bytes, found: Found) -> Node:
+        if found.layers[0] == 0:
+            self._recorded_ino(parent, name, found.st)
         ino = self.ino_for(found.layers[0], found.st)
         if found.layers[0] != 0 and found.st.st_nlink > 1 and self.upper is not None \
                 and not found.is_dir:
@@ -231,6 +235,23 @@ class Overlay:
         if found.locations:
             node.locations = dict(found.locations)
         return node
+
+    def _recorded_ino(self, parent: Node, name: bytes, st: os.stat_result) -> None:
+        """Learn the inode number an earlier mount recorded on a copied-up object, the first
+        time this mount meets the object."""
+        key = (st.st_dev, st.st_ino)
+        if key in self._remap or self.table.get(self.ino_for(0, st)) is not None:
+            return
+        try:
+            value = os.getxattr(fd_path(self.dir_fd(parent, 0), name), self.ino_xattr,
+                                follow_symlinks=False)
+        except OSError as e:
+            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
+                return
+            raise
+        if value.isdigit() and 1 < int(value) < SYNTHETIC_INO_BASE \
+                and self.table.get(int(value)) is None:
+            self._remap[key] = int(value)
 
     def _link_ino(self, ino: int, parent: Node, name: bytes) -> int:
         """The inode number of one name of a lower hard link, in a writable mount.
@@ -376,7 +397,12 @@ class Overlay:
         dst = self.upper_dir_fd(parent)
         src = self.dir_fd(parent, node.top)
         st = os.stat(node.name, dir_fd=src, follow_symlinks=False)
-        copyup.copy_up(src, node.name, st, self.work_fd, dst, data=data, fsync=self.opts.fsync)
+        # Record the inode number for later mounts, unless it is this mount's invention or the
+        # origin stays visible under other names (a lower hard link).
+        keep = node.ino < SYNTHETIC_INO_BASE and (node.is_dir or st.st_nlink == 1)
+        extra = [(self.ino_xattr, b"%d" % node.ino)] if keep else []
+        copyup.copy_up(src, node.name, st, self.work_fd, dst, data=data, fsync=self.opts.fsync,
+                       xattrs=extra)
         new = os.stat(node.name, dir_fd=dst, follow_symlinks=False)
         self._remap[(new.st_dev, new.st_ino)] = node.ino
         node.layers = (0, *node.layers) if node.is_dir else (0,)

@@ -116,3 +116,22 @@ def test_workdir_leftovers_removed_at_mount(stack: dict[str, Path]) -> None:
     (work / "#7").write_bytes(b"not ours")
     with overlayd_mounted(stack["mnt"], writable(stack)):
         assert sorted(os.listdir(work)) == ["#7"]
+
+
+def test_remount_keeps_st_ino_of_copied_up_objects(stack: dict[str, Path]) -> None:
+    (stack["lower2"] / "f").write_bytes(b"f")
+    (stack["lower2"] / "d").mkdir()
+    (stack["lower2"] / "d" / "g").write_bytes(b"g")
+    names = ("f", "d", "d/g")
+    with overlayd_mounted(stack["mnt"], writable(stack)):
+        before = {n: os.lstat(stack["mnt"] / n).st_ino for n in names}
+        with open(stack["mnt"] / "f", "ab") as f:
+            f.write(b"!")
+        os.chmod(stack["mnt"] / "d", 0o700)
+        assert {n: os.lstat(stack["mnt"] / n).st_ino for n in names} == before
+    # The copies are new inodes of the upper filesystem, with numbers of their own.
+    assert os.lstat(stack["upper"] / "f").st_ino != before["f"]
+    with overlayd_mounted(stack["mnt"], writable(stack)):
+        assert {n: os.lstat(stack["mnt"] / n).st_ino for n in names} == before
+        # The record is private: not listed, not readable through the mount.
+        assert os.listxattr(stack["mnt"] / "f") == []
