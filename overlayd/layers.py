@@ -20,13 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from overlayd.constants import OPAQUE_MARKER, WHITEOUT_PREFIX
-from overlayd.ondisk import (
-    fd_path,
-    has_oci_whiteout,
-    is_opaque_dir,
-    is_whiteout,
-    read_redirect,
-)
+from overlayd.ondisk import dir_marks, fd_path, has_oci_whiteout, is_whiteout
 
 DirStack = Sequence[tuple[int, int]]
 
@@ -97,7 +91,7 @@ def resolve(dirs: DirStack, name: bytes, roots: Sequence[int] = (),
             continue
         leaf = parts[-1]
         try:
-            stop, is_dir, st = _probe(base, leaf)
+            stop, is_dir, st, redirect = _probe(base, leaf)
             if st is not None and (top is None or is_dir):
                 if top is None:
                     top = st
@@ -110,11 +104,10 @@ def resolve(dirs: DirStack, name: bytes, roots: Sequence[int] = (),
                 continue
             if not is_dir:
                 break  # a non-dir on top ends the search; below a dir it ends the merge
-            redirect = read_redirect(fd_path(base, leaf)) if follow else None
         finally:
             if base != (roots[index] if absolute else parent_fd):
                 os.close(base)
-        if redirect is not None:
+        if redirect is not None and follow:
             if redirect.startswith(b"/"):
                 where = (True, tuple(p for p in redirect.split(b"/") if p))
                 # An absolute redirect continues in every layer below, not only the parent's.
@@ -146,19 +139,21 @@ def walk_dirs(base: int, parts: tuple[bytes, ...]) -> int | None:
     return fd
 
 
-def _probe(dir_fd: int, name: bytes) -> tuple[bool, bool, os.stat_result | None]:
-    """Look at *name* in one layer: (stop the search here, is a directory, its stat)."""
+def _probe(dir_fd: int, name: bytes) -> tuple[bool, bool, os.stat_result | None, bytes | None]:
+    """Look at *name* in one layer: (stop the search here, is a directory, its stat, its
+    redirect)."""
     st = _lstat_at(dir_fd, name)
     if st is None:
-        return has_oci_whiteout(dir_fd, name), False, None
+        return has_oci_whiteout(dir_fd, name), False, None, None
     if is_whiteout(st):
-        return True, False, None
+        return True, False, None, None
     if not stat.S_ISDIR(st.st_mode):
-        return False, False, st
+        return False, False, st, None
+    opaque, redirect = dir_marks(fd_path(dir_fd, name))
     # An OCI layer that deleted and re-created a directory holds both NAME and .wh.NAME: the
     # whiteout still hides the layers below (whiteouts apply to lower layers only).
-    stop = is_opaque_dir(fd_path(dir_fd, name)) or has_oci_whiteout(dir_fd, name)
-    return stop, True, st
+    stop = opaque or has_oci_whiteout(dir_fd, name)
+    return stop, True, st, redirect
 
 
 def list_merged(dirs: DirStack) -> list[bytes]:

@@ -83,12 +83,14 @@ def has_oci_whiteout(dir_fd: int, name: bytes) -> bool:
     return True
 
 
-def is_opaque_dir(path: bytes, dir_fd_of_dir: int | None = None) -> bool:
-    """Whether the directory at *path* (from :func:`fd_path`) is opaque, in any format we read.
+def dir_marks(path: bytes, dir_fd_of_dir: int | None = None) -> tuple[bool, bytes | None]:
+    """Whether the directory at *path* (from :func:`fd_path`) is opaque, and its redirect, in
+    every format we read, with one listxattr for both.
 
-    Formats: ``trusted.overlay.opaque=y`` (the kernel's), ``user.overlay.opaque=y`` (the kernel's
-    with userxattr), ``user.fuseoverlayfs.opaque=y`` (fuse-overlayfs) and a ``.wh..wh..opq``
-    entry (OCI). *dir_fd_of_dir*, when the directory is already open, saves a lookup.
+    Opaque: ``trusted.overlay.opaque=y`` (the kernel's), ``user.overlay.opaque=y`` (the kernel's
+    with userxattr), ``user.fuseoverlayfs.opaque=y`` (fuse-overlayfs) or a ``.wh..wh..opq``
+    entry (OCI). Redirect: ``trusted.overlay.redirect`` or ``user.overlay.redirect``.
+    *dir_fd_of_dir*, when the directory is already open, saves a path lookup.
     """
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -96,36 +98,38 @@ def is_opaque_dir(path: bytes, dir_fd_of_dir: int | None = None) -> bool:
         if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
             raise
         names = []
+    opaque = False
+    redirect = None
     for xname in names:
         bname = os.fsencode(xname)
-        if bname in OPAQUE_XATTRS:
+        if bname in OPAQUE_XATTRS or bname in REDIRECT_XATTRS:
             try:
                 value = os.getxattr(path, xname, follow_symlinks=False)
             except OSError as e:
                 if e.errno == errno.ENODATA:
                     continue
                 raise
-            if value == OPAQUE_VALUE:
-                return True
-    try:
-        if dir_fd_of_dir is not None:
-            os.stat(OPAQUE_MARKER, dir_fd=dir_fd_of_dir, follow_symlinks=False)
-        else:
-            os.stat(path + b"/" + OPAQUE_MARKER, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return True
+            if bname in OPAQUE_XATTRS:
+                opaque = opaque or value == OPAQUE_VALUE
+            elif value and redirect is None:
+                redirect = value
+    if not opaque:
+        try:
+            if dir_fd_of_dir is not None:
+                os.stat(OPAQUE_MARKER, dir_fd=dir_fd_of_dir, follow_symlinks=False)
+            else:
+                os.stat(path + b"/" + OPAQUE_MARKER, follow_symlinks=False)
+            opaque = True
+        except FileNotFoundError:
+            pass
+    return opaque, redirect
+
+
+def is_opaque_dir(path: bytes, dir_fd_of_dir: int | None = None) -> bool:
+    """Whether the directory at *path* is opaque (see :func:`dir_marks`)."""
+    return dir_marks(path, dir_fd_of_dir)[0]
 
 
 def read_redirect(path: bytes) -> bytes | None:
-    """The redirect of the directory at *path* (the kernel's redirect_dir), in any format."""
-    for xname in REDIRECT_XATTRS:
-        try:
-            value = os.getxattr(path, xname, follow_symlinks=False)
-        except OSError as e:
-            if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
-                continue
-            raise
-        if value:
-            return value
-    return None
+    """The redirect of the directory at *path* (see :func:`dir_marks`)."""
+    return dir_marks(path)[1]
