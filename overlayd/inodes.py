@@ -20,8 +20,8 @@ ROOT_INODE = 1  # FUSE's fixed root node id (pyfuse3.ROOT_INODE), kept here for 
 class Node:
     """An object of the merged tree."""
 
-    __slots__ = ("aliases", "fds", "ino", "is_dir", "layers", "locations", "lookups", "name",
-                 "parent", "unlinked")
+    __slots__ = ("aliases", "fds", "final_st", "ino", "is_dir", "layers", "locations",
+                 "lookups", "name", "parent", "unlinked")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, layers: tuple[int, ...],
                  is_dir: bool) -> None:
@@ -34,6 +34,7 @@ class Node:
         # Its upper object was removed: the real inode number may be reused by a new object
         # while the kernel still holds this node.
         self.unlinked = False
+        self.final_st: os.stat_result | None = None  # its stat when it left the merged view
         # Other names of a hard-linked file met so far, so that removing the name the node
         # is located by can move it to another one.
         self.aliases: list[tuple[Node, bytes]] = []

@@ -165,10 +165,14 @@ class Overlay:
         return self._next_synthetic
 
     def _retire(self, node: Node, st: os.stat_result) -> None:
-        """*node*'s upper object (stat *st*) is gone: its inode number may come back."""
-        if node.is_dir or st.st_nlink <= 1:
+        """*node*'s name is gone (its object had stat *st* just before). If that was its last
+        name, it is unlinked: the kernel may still hold it (an open file, a working directory)
+        and asks for its attributes; and an upper object's inode number may come back."""
+        if node.is_dir or node.top != 0 or st.st_nlink <= 1:
             node.unlinked = True
-            self._remap.pop((st.st_dev, st.st_ino), None)
+            node.final_st = st
+            if node.top == 0:
+                self._remap.pop((st.st_dev, st.st_ino), None)
 
     def dir_fd(self, node: Node, layer: int) -> int:
         """The open real directory of *node* in *layer* (opened on first use, then cached)."""
@@ -279,6 +283,13 @@ class Overlay:
     # -- reading -----------------------------------------------------------------------------
 
     def stat(self, node: Node) -> os.stat_result:
+        if node.unlinked:
+            # No name leads to it any more: an open handle still does; else its last stat.
+            for handle in self.handles.values():
+                if handle.node is node:
+                    return os.fstat(handle.fd)
+            assert node.final_st is not None
+            return node.final_st
         if node.parent is None:
             return os.fstat(self.layers[node.top].fd)
         return os.stat(node.name, dir_fd=self.dir_fd(node.parent, node.top),
@@ -286,7 +297,9 @@ class Overlay:
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
         # The kernel's ovl_getattr: a merged directory reports nlink 1 ("seems to pacify find");
-        # everything else reports its real link count.
+        # everything else reports its real link count, and what no name leads to, 0.
+        if node.unlinked:
+            return 0
         if node.is_dir and (len(node.layers) > 1 or self.opts.static_nlink):
             return 1
         return st.st_nlink
@@ -554,8 +567,8 @@ class Overlay:
     def _remove(self, parent: Node, name: bytes, node: Node) -> None:
         pfd = self.upper_dir_fd(parent)
         lower = self._lower_positive(parent, name)
-        if node.top == 0:
-            self._retire(node, os.stat(name, dir_fd=pfd, follow_symlinks=False))
+        self._retire(node, self.stat(node) if node.top != 0 else
+                     os.stat(name, dir_fd=pfd, follow_symlinks=False))
         if node.top != 0:
             self._make_whiteout(pfd, name)  # only below: a whiteout is all the upper needs
         elif lower:
@@ -636,8 +649,9 @@ class Overlay:
             there = _lstat(npfd, new_name)
             if there is not None and is_whiteout(there):
                 os.unlink(new_name, dir_fd=npfd)  # a directory cannot replace a device
-        if dst is not None and dst.top == 0:
-            self._retire(dst, os.stat(new_name, dir_fd=npfd, follow_symlinks=False))
+        if dst is not None:
+            self._retire(dst, self.stat(dst) if dst.top != 0 else
+                         os.stat(new_name, dir_fd=npfd, follow_symlinks=False))
         if self._lower_positive(old_parent, old_name):
             try:
                 renameat2(opfd, old_name, npfd, new_name, RENAME_WHITEOUT)
