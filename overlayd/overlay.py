@@ -757,13 +757,15 @@ class Overlay:
 
     def fsync(self, fh: int, datasync: bool) -> None:
         fd = self.handle(fh).fd
+        if not self.opts.fsync:
+            return  # volatile / fsync=0: as the kernel's ovl_fsync, durability is traded away
         if datasync:
             os.fdatasync(fd)
         else:
             os.fsync(fd)
 
     def fsyncdir(self, node: Node) -> None:
-        if 0 in node.layers and self.upper is not None:
+        if self.opts.fsync and 0 in node.layers and self.upper is not None:
             os.fsync(self.dir_fd(node, 0))
 
 
