@@ -6,12 +6,21 @@ worker thread, served by its own loop) before it tells the waiting parent "ready
 then exits 0, or non-zero with the daemon's reason. Until ready, the daemon's stderr is the
 readiness pipe, so anything libfuse prints reaches the user; afterwards fds 0-2 point at
 /dev/null or the log file (podman waits for the mount program's stderr to close).
+
+Only the foreground form talks to systemd (READY=1 once the mount answers, STOPPING=1 when it
+starts to leave): the forked form drops NOTIFY_SOCKET, since whoever ran it (podman under a
+Type=notify unit) owns that socket. SIGTERM and SIGINT unmount, SIGHUP reopens the log file.
+While serving, a small JSON state file (pid, mountpoint, layers) lives in the runtime directory
+for ``overlayd status``; it is removed on the way out, and by ``overlayd umount`` after a crash.
+Everything runs in the trio thread but the readiness stat.
 """
 
 from __future__ import annotations
 
 import contextlib
 import faulthandler
+import hashlib
+import json
 import logging
 import logging.handlers
 import os
@@ -19,12 +28,15 @@ import resource
 import signal
 import socket
 import sys
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import pyfuse3
 import trio
 
+from overlayd import __version__
 from overlayd.constants import FSNAME, FUSE_SUBTYPE
 from overlayd.fs import Operations
 from overlayd.options import MountOptions
@@ -36,11 +48,20 @@ READY_TOKEN = b"\0overlayd-ready\n"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# Where running daemons describe themselves for `overlayd status`.
+ROOT_RUNTIME_DIR = "/run/overlayd"
+
+
 @dataclass
 class RunState:
     terminated_by_signal: bool = False
     failure: str | None = None
     ready_callbacks: list[Callable[[], None]] = field(default_factory=list)
+    notify: bool = False  # talk to systemd over $NOTIFY_SOCKET (foreground only)
+    stopping: bool = False  # STOPPING=1 sent
+    log_file: str | None = None
+    stderr_is_log: bool = False  # fd 2 is the log file: reopened with it on SIGHUP
+    state_file: str | None = None
 
 
 def setup_logging(debug: bool, log_file: str | None, to_stderr: bool) -> None:
@@ -57,6 +78,33 @@ def setup_logging(debug: bool, log_file: str | None, to_stderr: bool) -> None:
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def reopen_log(state: RunState) -> None:
+    """SIGHUP: reopen the log file under its name (after logrotate moved the old one away)."""
+    if state.log_file is None:
+        log.info("SIGHUP: no log file to reopen")
+        return
+    for handler in logging.getLogger().handlers:
+        if not isinstance(handler, logging.FileHandler):
+            continue
+        try:
+            # The handler owns and closes it.
+            stream = open(handler.baseFilename, "a", encoding=handler.encoding)  # noqa: SIM115
+        except OSError as e:
+            log.warning("SIGHUP: cannot reopen %s, keeping the old one: %s",
+                        handler.baseFilename, e)
+            return
+        old = handler.setStream(stream)
+        if old is not None:
+            old.close()
+    if state.stderr_is_log:
+        with contextlib.suppress(OSError):
+            fd = os.open(state.log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                         0o640)
+            os.dup2(fd, 2)
+            os.close(fd)
+    log.info("SIGHUP: reopened the log file %s", state.log_file)
 
 
 def fuse_options(opts: MountOptions) -> set[str]:
@@ -93,6 +141,158 @@ def sd_notify(message: bytes) -> None:
             log.warning("cannot notify systemd at %s: %s", address, e)
 
 
+def _notify_stopping(state: RunState) -> None:
+    if state.notify and not state.stopping:
+        state.stopping = True
+        sd_notify(b"STOPPING=1")
+
+
+# --- the state file read by `overlayd status` --------------------------------------------------
+
+def runtime_dir() -> str | None:
+    """The directory of state files: /run/overlayd for root, $XDG_RUNTIME_DIR/overlayd else."""
+    if os.geteuid() == 0:
+        return ROOT_RUNTIME_DIR
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(xdg, "overlayd") if xdg else None
+
+
+def state_file_name(mountpoint: bytes) -> str:
+    """The state file's name: the mountpoint, %-quoted, unless that is too long for a name."""
+    name = urllib.parse.quote_from_bytes(mountpoint, safe=b"")
+    if len(name) > 200:
+        name = hashlib.sha256(mountpoint).hexdigest()
+    return name + ".json"
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks (/proc/PID/stat field 22): tells a reused pid."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[19])
+
+
+def proc_state(pid: int) -> str | None:
+    """The process's state letter (R, S, D, T, Z, ...), or None if there is no such process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except OSError:
+        return None
+
+
+def write_state(opts: MountOptions, real: bytes, log_file: str | None) -> str | None:
+    """Describe this daemon in the runtime directory; returns the file written, if any.
+
+    *real* is the mountpoint as /proc/self/mountinfo shows it, resolved before the mount: never
+    look the path up once mounted, from the one thread that serves it (a lookup the kernel
+    has not cached would wait for our own answer forever).
+    """
+    directory = runtime_dir()
+    if directory is None:
+        return None
+    pid = os.getpid()
+    info: dict[str, Any] = {
+        "pid": pid,
+        "start_time": proc_start_time(pid),
+        "mountpoint": os.fsdecode(real),
+        "lowerdirs": [os.fsdecode(d) for d in opts.lowerdirs],
+        "upperdir": None if opts.upperdir is None else os.fsdecode(opts.upperdir),
+        "workdir": None if opts.workdir is None else os.fsdecode(opts.workdir),
+        "writable": opts.writable,
+        "fsync": opts.fsync,
+        "redirect_dir": opts.redirect_dir,
+        "fuse_options": sorted(fuse_options(opts)),
+        "log_file": log_file,
+        "version": __version__,
+    }
+    path = os.path.join(directory, state_file_name(real))
+    tmp = f"{path}.{pid}.tmp"
+    try:
+        os.makedirs(directory, mode=0o755 if os.geteuid() == 0 else 0o700, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        log.warning("cannot write the state file %s: %s", path, e)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return None
+    _remove_stale_states(directory)
+    return path
+
+
+def _remove_stale_states(directory: str) -> None:
+    """Remove the state files of daemons that died (kill -9) and whose mount is gone."""
+    from overlayd.cli import mounts  # the one mountinfo parser; cli imports us lazily only
+
+    mounted = {point for point, _ in mounts()}
+    for path, info in read_states():
+        if os.path.dirname(path) == directory and not daemon_alive(info) \
+                and os.fsencode(info["mountpoint"]) not in mounted:
+            remove_state(path, pid=info["pid"])
+
+
+def read_state(path: str) -> dict[str, Any] | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(info, dict) or not isinstance(info.get("pid"), int) \
+            or not isinstance(info.get("mountpoint"), str):
+        return None
+    return info
+
+
+def read_states() -> list[tuple[str, dict[str, Any]]]:
+    """Every state file in our runtime directory, then root's (a user sees root's mounts too),
+    with its path."""
+    found = []
+    directories = [runtime_dir(), ROOT_RUNTIME_DIR]
+    for directory in dict.fromkeys(d for d in directories if d is not None):
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for name in names:
+            if not name.endswith(".json"):
+                continue
+            path = os.path.join(directory, name)
+            info = read_state(path)
+            if info is not None:
+                found.append((path, info))
+    return found
+
+
+def daemon_alive(info: dict[str, Any]) -> bool:
+    """Whether the process a state file names still runs (and is the same process)."""
+    pid = info["pid"]
+    state = proc_state(pid)
+    if state is None or state in ("Z", "X"):
+        return False
+    return info.get("start_time") in (None, proc_start_time(pid))
+
+
+def remove_state(path: str, *, pid: int | None = None) -> None:
+    """Remove a state file; with *pid*, only while it still names that process."""
+    if pid is not None:
+        info = read_state(path)
+        if info is None or info["pid"] != pid:
+            return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:  # root's, seen by a user
+        log.debug("cannot remove the state file %s: %s", path, e)
+
+
 def _raise_fd_limit() -> None:
     # Each directory node caches dir fds; give ourselves the room the hard limit allows.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -101,10 +301,14 @@ def _raise_fd_limit() -> None:
 
 
 async def _handle_signals(state: RunState) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                reopen_log(state)
+                continue
             log.info("received %s: unmounting", signal.Signals(signum).name)
             state.terminated_by_signal = True
+            _notify_stopping(state)
             pyfuse3.terminate()
 
 
@@ -136,12 +340,20 @@ async def _serve(mountpoint: bytes, dev_before: int, state: RunState) -> None:
 def serve(opts: MountOptions, mountpoint: bytes, state: RunState) -> int:
     """Mount and serve until unmounted or signalled. Returns the exit status."""
     os.umask(0)  # modes are the caller's, already masked by the kernel
+    # Until the signal receiver runs, a SIGHUP (a log rotation) must not end the daemon.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _raise_fd_limit()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     layers = open_layers(opts)
     overlay = Overlay(opts, layers)
     dev_before = os.stat(mountpoint).st_dev
+    real_mountpoint = os.path.realpath(mountpoint)  # not once mounted: see write_state
     pyfuse3.init(Operations(overlay), os.fsdecode(mountpoint), fuse_options(opts))
+
+    def describe() -> None:
+        state.state_file = write_state(opts, real_mountpoint, state.log_file)
+
+    state.ready_callbacks.insert(0, describe)  # before anyone hears "ready"
     clean = False
     try:
         trio.run(_serve, mountpoint, dev_before, state)
@@ -149,10 +361,12 @@ def serve(opts: MountOptions, mountpoint: bytes, state: RunState) -> int:
     finally:
         # Unmount only what we were asked to stop; after an external unmount the mountpoint
         # may already hold somebody else's mount.
+        _notify_stopping(state)
         pyfuse3.close(unmount=state.terminated_by_signal or state.failure is not None
                       or not clean)
         overlay.close()
-        sd_notify(b"STOPPING=1")
+        if state.state_file is not None:
+            remove_state(state.state_file, pid=os.getpid())
     if state.failure is not None:
         print(f"overlayd: {state.failure}", file=sys.stderr)
         return 1
@@ -163,7 +377,7 @@ def serve(opts: MountOptions, mountpoint: bytes, state: RunState) -> int:
 def run_foreground(opts: MountOptions, mountpoint: bytes, debug: bool,
                    log_file: str | None) -> int:
     setup_logging(debug, log_file, to_stderr=True)
-    state = RunState()
+    state = RunState(notify=True, log_file=log_file)
     state.ready_callbacks.append(lambda: sd_notify(b"READY=1"))
     return serve(opts, mountpoint, state)
 
@@ -206,6 +420,9 @@ def run_daemon(opts: MountOptions, mountpoint: bytes, debug: bool, log_file: str
 def _daemon_child(opts: MountOptions, mountpoint: bytes, debug: bool, log_file: str | None,
                   ready_fd: int) -> int:
     os.setsid()
+    # The socket belongs to whoever ran us (podman under a Type=notify unit, say): our
+    # READY=1 or STOPPING=1 would be taken for theirs.
+    os.environ.pop("NOTIFY_SOCKET", None)
     null = os.open(os.devnull, os.O_RDWR)
     os.dup2(null, 0)
     os.dup2(null, 1)
@@ -224,5 +441,6 @@ def _daemon_child(opts: MountOptions, mountpoint: bytes, debug: bool, log_file: 
         os.close(ready_fd)
         os.chdir("/")
 
-    state = RunState(ready_callbacks=[ready])
+    state = RunState(ready_callbacks=[ready], log_file=log_file,
+                     stderr_is_log=log_file is not None)
     return serve(opts, mountpoint, state)

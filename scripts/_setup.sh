@@ -12,7 +12,7 @@ VENV_STAMP=$VENV/.overlayd-installed
 
 # fuse3: fusermount3 and mount.fuse3; libfuse3-dev + pkg-config: pyfuse3's build;
 # attr: getfattr/setfattr, used by the tests and handy for looking at whiteouts.
-OVERLAYD_DEB_PACKAGES=(fuse3 libfuse3-dev pkg-config attr)
+OVERLAYD_DEB_PACKAGES=(fuse3 libfuse3-dev pkg-config attr systemd strace)  # systemd-analyze; strace for the fsync tests
 OVERLAYD_MIN_PYTHON=(3 11)
 
 setup_say() { printf '==> %s\n' "$*"; }
