@@ -36,7 +36,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from overlayd import __version__
+from overlayd import __version__, fastpath
 from overlayd.constants import FSNAME, FUSE_SUBTYPE
 from overlayd.fs import Operations
 from overlayd.options import MountOptions
@@ -333,7 +333,12 @@ async def _serve(mountpoint: bytes, dev_before: int, state: RunState) -> None:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_handle_signals, state)
         nursery.start_soon(_announce_ready, mountpoint, dev_before, state)
-        await pyfuse3.main()
+        fastpath.install()
+        try:
+            # One reader task: our handlers never await, so more would only add task switches.
+            await pyfuse3.main(min_tasks=1, max_tasks=1)
+        finally:
+            fastpath.uninstall()
         nursery.cancel_scope.cancel()
 
 
