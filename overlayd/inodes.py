@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from overlayd.layers import Location
+from overlayd.layers import DirCache, Location
 
 ROOT_INODE = 1  # FUSE's fixed root node id (pyfuse3.ROOT_INODE), kept here for the pure core
 
@@ -20,7 +20,7 @@ ROOT_INODE = 1  # FUSE's fixed root node id (pyfuse3.ROOT_INODE), kept here for 
 class Node:
     """An object of the merged tree."""
 
-    __slots__ = ("aliases", "fds", "final_st", "ino", "is_dir", "layers", "locations",
+    __slots__ = ("aliases", "cache", "fds", "final_st", "ino", "is_dir", "layers", "locations",
                  "lookups", "name", "parent", "unlinked")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, layers: tuple[int, ...],
@@ -39,6 +39,9 @@ class Node:
         # is located by can move it to another one.
         self.aliases: list[tuple[Node, bytes]] = []
         self.fds: dict[int, int] = {}  # layer index -> open dir fd (directories only)
+        # What the core learnt of this directory's entries (its DirCache); dropped with the
+        # fds, and by every change of the directory.
+        self.cache: DirCache | None = None
         # Layers where a redirect puts this directory elsewhere than parent/name.
         self.locations: dict[int, Location] = {}
 
@@ -68,6 +71,7 @@ class Node:
 
     def close_fds(self) -> None:
         fds, self.fds = self.fds, {}
+        self.cache = None
         for fd in fds.values():
             os.close(fd)
 

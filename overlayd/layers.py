@@ -16,8 +16,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 from overlayd.constants import OPAQUE_MARKER, WHITEOUT_PREFIX
 from overlayd.ondisk import dir_marks, fd_path, has_oci_whiteout, is_whiteout
@@ -57,6 +57,25 @@ class Found:
         return stat.S_ISDIR(self.st.st_mode)
 
 
+@dataclass
+class DirCache:
+    """What is known of one merged directory's entries: names resolved (None: not in the
+    merged view) and, once listed, its merged listing.
+
+    Valid until the directory changes. Lower layers never change under a mount (overlayfs's
+    contract: changing them is undefined behaviour, for the kernel too), and the upper layer
+    changes only through the core, which drops the cache of every directory a change touches.
+    Only the stat of a lower object is trusted from here; an upper one is stat'ed again.
+    """
+
+    found: dict[bytes, Found | None] = field(default_factory=dict)
+    names: list[bytes] | None = None
+    present: frozenset[bytes] | None = None  # set(names), once listed
+    # Once listed: layer index -> every name its real directory holds (whiteouts included),
+    # so that resolving a name probes only the layers that have it.
+    layer_names: dict[int, set[bytes]] | None = None
+
+
 def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -67,13 +86,16 @@ def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
 
 
 def resolve(dirs: DirStack, name: bytes, roots: Sequence[int] = (),
-            follow: bool = True) -> Found | None:
+            follow: bool = True, listed: Mapping[int, set[bytes]] | None = None) -> Found | None:
     """Resolve *name* in the merged directory *dirs*; None when the merged view has no such name.
 
     *roots* are the layers' root fds, by layer index, for absolute redirects; with *follow*,
     a directory's redirect xattr says where to continue in the layers below (the kernel's
-    redirect_dir, which it follows by default: redirect_always_follow).
+    redirect_dir, which it follows by default: redirect_always_follow). *listed* (from
+    list_merged) names what each layer's directory holds: a layer without the name or its
+    ``.wh.`` whiteout is skipped without a syscall.
     """
+    wh_name = WHITEOUT_PREFIX + name
     if name.startswith(WHITEOUT_PREFIX):
         return None  # whiteout files and opaque markers are never part of the merged view
     top: os.stat_result | None = None
@@ -86,6 +108,10 @@ def resolve(dirs: DirStack, name: bytes, roots: Sequence[int] = (),
         index, parent_fd = candidates[pos]
         pos += 1
         absolute, parts = where
+        if listed is not None and not absolute and len(parts) == 1 and parts[0] == name:
+            held = listed.get(index)
+            if held is not None and name not in held and wh_name not in held:
+                continue  # listed, and not there: neither the name nor its whiteout
         base = walk_dirs(roots[index] if absolute else parent_fd, parts[:-1])
         if base is None:
             continue
@@ -156,16 +182,21 @@ def _probe(dir_fd: int, name: bytes) -> tuple[bool, bool, os.stat_result | None,
     return stop, True, st, redirect
 
 
-def list_merged(dirs: DirStack) -> list[bytes]:
-    """The names of the merged directory *dirs*, top layer's first, without whiteouts."""
+def list_merged(dirs: DirStack, listed: dict[int, set[bytes]] | None = None) -> list[bytes]:
+    """The names of the merged directory *dirs*, top layer's first, without whiteouts.
+    With *listed*, also record every name each layer holds (see resolve)."""
     names: list[bytes] = []
     seen: set[bytes] = set()  # names shown, and names hidden by a whiteout above
-    for _index, dir_fd in dirs:
+    for index, dir_fd in dirs:
         hidden: list[bytes] = []
+        held: set[bytes] = set()
+        if listed is not None:
+            listed[index] = held
         # scandir dups the fd and rewinds it, so the cached fd stays usable.
         with os.scandir(dir_fd) as it:
             for entry in it:
                 name = os.fsencode(entry.name)
+                held.add(name)
                 if name.startswith(WHITEOUT_PREFIX):
                     if name != OPAQUE_MARKER:
                         hidden.append(name[len(WHITEOUT_PREFIX):])

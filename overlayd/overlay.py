@@ -27,6 +27,7 @@ from overlayd.constants import (
 from overlayd.errors import OverlayError, ReadOnly
 from overlayd.inodes import ROOT_INODE, InodeTable, Node
 from overlayd.layers import (
+    DirCache,
     DirStack,
     Found,
     Layer,
@@ -213,13 +214,48 @@ class Overlay:
         if name == b"..":
             up = parent.parent or parent
             return up, self.stat(up)
-        found = self._resolve(parent, name)
+        found = self._cached_resolve(parent, name)
         if found is None:
             return None
         return self._node_for(parent, name, found), found.st
 
     def _resolve(self, parent: Node, name: bytes) -> Found | None:
         return resolve(self.dir_stack(parent), name, self.roots, self.opts.redirect_follow)
+
+    def _cached_resolve(self, parent: Node, name: bytes) -> Found | None:
+        """_resolve through the directory's cache (see DirCache): a name met before costs no
+        syscall when it is a lower object and one lstat when it is an upper one."""
+        cache = parent.cache
+        if cache is None:
+            if not parent.is_dir:
+                raise OverlayError("not a directory", errno.ENOTDIR)
+            cache = parent.cache = DirCache()
+        try:
+            found = cache.found[name]
+        except KeyError:
+            if cache.present is not None and name not in cache.present:
+                found = None
+            else:
+                found = resolve(self.dir_stack(parent), name, self.roots,
+                                self.opts.redirect_follow, cache.layer_names)
+            cache.found[name] = found
+            return found
+        if found is None or found.layers[0] != 0:
+            return found
+        st = _lstat(self.dir_fd(parent, 0), name)
+        if st is None or stat.S_IFMT(st.st_mode) != stat.S_IFMT(found.st.st_mode):
+            # Changed behind our back (undefined for overlayfs): believe the layers.
+            found = cache.found[name] = self._resolve(parent, name)
+            return found
+        return Found(found.layers, st, found.locations)
+
+    @staticmethod
+    def _changed(*nodes: Node | None) -> None:
+        """Entries of these directories changed (or their place in the tree did): forget
+        what the cache knew of them."""
+        for node in nodes:
+            if node is not None:
+                node.cache = None
 
     def _node_for(self, parent: Node, name: bytes, found: Found) -> Node:
         if found.layers[0] == 0:
@@ -374,7 +410,14 @@ class Overlay:
             os.close(handle.fd)
 
     def opendir(self, node: Node) -> int:
-        names = list_merged(self.dir_stack(node))
+        cache = node.cache
+        if cache is None:
+            cache = node.cache = DirCache()
+        if cache.names is None:
+            cache.layer_names = {}
+            cache.names = list_merged(self.dir_stack(node), cache.layer_names)
+            cache.present = frozenset(cache.names)
+        names = cache.names
         dh = self._next_fh
         self._next_fh += 1
         self.dir_handles[dh] = DirHandle(node, names)
@@ -414,8 +457,11 @@ class Overlay:
         # origin stays visible under other names (a lower hard link).
         keep = node.ino < SYNTHETIC_INO_BASE and (node.is_dir or st.st_nlink == 1)
         extra = [(self.ino_xattr, b"%d" % node.ino)] if keep else []
-        copyup.copy_up(src, node.name, st, self.work_fd, dst, data=data, fsync=self.opts.fsync,
-                       xattrs=extra)
+        try:
+            copyup.copy_up(src, node.name, st, self.work_fd, dst, data=data,
+                           fsync=self.opts.fsync, xattrs=extra)
+        finally:
+            self._changed(parent, node)
         new = os.stat(node.name, dir_fd=dst, follow_symlinks=False)
         self._remap[(new.st_dev, new.st_ino)] = node.ino
         node.layers = (0, *node.layers) if node.is_dir else (0,)
@@ -456,6 +502,13 @@ class Overlay:
         pfd = self.upper_dir_fd(parent)
         if self.lookup(parent, name) is not None:
             raise OverlayError("exists", errno.EEXIST)
+        try:
+            return self._publish(pfd, name, make, owner, is_dir)
+        finally:
+            self._changed(parent)
+
+    def _publish(self, pfd: int, name: bytes, make: Callable[[int, bytes], None],
+                 owner: tuple[int, int] | None, is_dir: bool) -> os.stat_result:
         pst = os.fstat(pfd)
         sgid = bool(pst.st_mode & stat.S_ISGID)
 
@@ -565,6 +618,12 @@ class Overlay:
         self._remove(parent, name, node)
 
     def _remove(self, parent: Node, name: bytes, node: Node) -> None:
+        try:
+            self._remove_name(parent, name, node)
+        finally:
+            self._changed(parent, node)
+
+    def _remove_name(self, parent: Node, name: bytes, node: Node) -> None:
         pfd = self.upper_dir_fd(parent)
         lower = self._lower_positive(parent, name)
         self._retire(node, self.stat(node) if node.top != 0 else
@@ -598,6 +657,13 @@ class Overlay:
         src = self._at(old_parent, old_name)
         hit = self.lookup(new_parent, new_name)
         dst = hit[0] if hit is not None else None
+        try:
+            self._rename(old_parent, old_name, new_parent, new_name, flags, src, dst)
+        finally:
+            self._changed(old_parent, new_parent, src, dst)
+
+    def _rename(self, old_parent: Node, old_name: bytes, new_parent: Node, new_name: bytes,
+                flags: int, src: Node, dst: Node | None) -> None:
         if flags & RENAME_NOREPLACE and dst is not None:
             raise OverlayError("target exists", errno.EEXIST)
         if flags & RENAME_EXCHANGE and dst is None:

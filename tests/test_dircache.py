@@ -1,0 +1,208 @@
+"""Tier 2: the core's directory cache never shows what the layers do not hold.
+
+The core caches, per directory, the merged listing and every name it resolved (overlay.py
+``_cached_resolve``, layers.py ``DirCache``), trusting that only its own changes touch the upper
+layer. This differential test applies random changes through one long-lived core and, after each,
+compares its view with that of a core opened afresh, without any cache, read-only on the same
+layers stacked as lowers (upper first): what the first one cached must be what the layers say.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from overlayd.errors import OverlayError
+from overlayd.inodes import Node
+from overlayd.options import parse_options
+from overlayd.overlay import Overlay, open_layers
+
+OWNER = (os.getuid(), os.getgid())
+NAMES = (b"a", b"b", b"d", b"e")
+# A path is up to two names deep: d/a, e/b...
+PATHS = [(n,) for n in NAMES] + [(p, n) for p in (b"d", b"e") for n in NAMES]
+
+View = dict[bytes, tuple[int, int, bytes]]
+
+
+def build_lowers(root: Path) -> tuple[Path, Path, Path, Path]:
+    lower1, lower2 = root / "lower1", root / "lower2"
+    upper, work = root / "upper", root / "work"
+    for d in (lower1, lower2, upper, work):
+        d.mkdir()
+    (lower2 / "a").write_bytes(b"lower2 a")
+    (lower2 / "d").mkdir()
+    (lower2 / "d" / "a").write_bytes(b"d/a")
+    (lower2 / "d" / "b").mkdir()
+    (lower1 / "d").mkdir()
+    (lower1 / "d" / "e").symlink_to("a")
+    (lower1 / "e").mkdir()
+    (lower1 / "e" / "b").write_bytes(b"e/b")
+    os.mknod(lower1 / "b", stat.S_IFCHR, os.makedev(0, 0))  # hides nothing: lower2 has no b
+    return lower1, lower2, upper, work
+
+
+def view(ov: Overlay) -> View:
+    """Every path of the merged tree: (type, permission bits, bytes or link target)."""
+    out: View = {}
+
+    def walk(node: Node, prefix: bytes) -> None:
+        dh = ov.opendir(node)
+        try:
+            names = list(ov.dir_handle(dh).names)
+        finally:
+            ov.releasedir(dh)
+        for name in names:
+            hit = ov.lookup(node, name)
+            assert hit is not None, (prefix, name)
+            child, st_ = hit
+            path = prefix + name
+            content = b""
+            if stat.S_ISLNK(st_.st_mode):
+                content = ov.readlink(child)
+            elif stat.S_ISREG(st_.st_mode):
+                handle = ov.open(child, os.O_RDONLY)
+                try:
+                    content = ov.read(handle.fh, 0, 1 << 16)
+                finally:
+                    ov.release(handle.fh)
+            out[path] = (stat.S_IFMT(st_.st_mode), stat.S_IMODE(st_.st_mode), content)
+            if child.is_dir:
+                walk(child, path + b"/")
+
+    walk(ov.table.root, b"")
+    return out
+
+
+@pytest.fixture
+def layers(tmp_path: Path) -> tuple[Path, Path, Path, Path]:
+    return build_lowers(tmp_path)
+
+
+def fresh_view(lower1: Path, lower2: Path, upper: Path) -> View:
+    opts = parse_options([f"lowerdir={upper}:{lower1}:{lower2}"])
+    ov = Overlay(opts, open_layers(opts))
+    try:
+        return view(ov)
+    finally:
+        ov.close()
+
+
+OPS = st.one_of(
+    st.tuples(st.just("create"), st.sampled_from(PATHS)),
+    st.tuples(st.just("mkdir"), st.sampled_from(PATHS)),
+    st.tuples(st.just("symlink"), st.sampled_from(PATHS)),
+    st.tuples(st.just("unlink"), st.sampled_from(PATHS)),
+    st.tuples(st.just("rmdir"), st.sampled_from(PATHS)),
+    st.tuples(st.just("chmod"), st.sampled_from(PATHS)),
+    st.tuples(st.just("write"), st.sampled_from(PATHS)),
+    st.tuples(st.just("rename"), st.sampled_from(PATHS), st.sampled_from(PATHS)),
+    st.tuples(st.just("link"), st.sampled_from(PATHS), st.sampled_from(PATHS)),
+    st.tuples(st.just("look"), st.sampled_from(PATHS)),
+)
+
+
+def parent_of(ov: Overlay, path: tuple[bytes, ...]) -> tuple[Node, bytes]:
+    node = ov.table.root
+    for part in path[:-1]:
+        hit = ov.lookup(node, part)
+        if hit is None:
+            raise OverlayError("no parent", errno.ENOENT)
+        node = hit[0]
+        ov.remember(node)  # as the kernel does for every entry it was given
+    return node, path[-1]
+
+
+def apply(ov: Overlay, op: tuple[object, ...]) -> None:
+    kind = op[0]
+    path = op[1]
+    assert isinstance(path, tuple)
+    parent, name = parent_of(ov, path)
+    if kind == "create":
+        handle, node, _ = ov.create(parent, name, 0o644, os.O_WRONLY, OWNER)
+        ov.remember(node)
+        ov.release(handle.fh)
+    elif kind == "mkdir":
+        ov.remember(ov.mkdir(parent, name, 0o755, OWNER)[0])
+    elif kind == "symlink":
+        ov.remember(ov.symlink(parent, name, b"a", OWNER)[0])
+    elif kind == "unlink":
+        ov.unlink(parent, name)
+    elif kind == "rmdir":
+        ov.rmdir(parent, name)
+    elif kind in ("chmod", "write", "look"):
+        hit = ov.lookup(parent, name)
+        if hit is None:
+            raise OverlayError("no such entry", errno.ENOENT)
+        node = hit[0]
+        ov.remember(node)
+        if kind == "chmod":
+            ov.setattr(node, mode=0o600)
+        elif kind == "write" and not node.is_dir and stat.S_ISREG(hit[1].st_mode):
+            handle = ov.open(node, os.O_WRONLY | os.O_APPEND)
+            try:
+                ov.write(handle.fh, hit[1].st_size, b"+")
+            finally:
+                ov.release(handle.fh)
+    elif kind == "rename":
+        other = op[2]
+        assert isinstance(other, tuple)
+        new_parent, new_name = parent_of(ov, other)
+        ov.rename(parent, name, new_parent, new_name, 0)
+    elif kind == "link":
+        other = op[2]
+        assert isinstance(other, tuple)
+        hit = ov.lookup(parent, name)
+        if hit is None:
+            raise OverlayError("no such entry", errno.ENOENT)
+        ov.remember(hit[0])
+        new_parent, new_name = parent_of(ov, other)
+        ov.remember(ov.link(hit[0], new_parent, new_name)[0])
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(OPS, min_size=1, max_size=12))
+def test_cached_view_matches_a_fresh_core(tmp_path_factory: pytest.TempPathFactory,
+                                          ops: list[tuple[object, ...]]) -> None:
+    lower1, lower2, upper, work = build_lowers(tmp_path_factory.mktemp("cache"))
+    opts = parse_options([f"lowerdir={lower1}:{lower2},upperdir={upper},workdir={work}"])
+    ov = Overlay(opts, open_layers(opts))
+    try:
+        assert view(ov) == fresh_view(lower1, lower2, upper)
+        for op in ops:
+            # An error is fine; what the core shows afterwards is what is checked.
+            with contextlib.suppress(OSError, OverlayError):
+                apply(ov, op)
+            assert view(ov) == fresh_view(lower1, lower2, upper), op
+    finally:
+        ov.close()
+
+
+def test_negative_entry_forgotten_by_create(layers: tuple[Path, Path, Path, Path]) -> None:
+    """A name looked up and missing, then created: the cache must not keep the miss."""
+    lower1, lower2, upper, work = layers
+    opts = parse_options([f"lowerdir={lower1}:{lower2},upperdir={upper},workdir={work}"])
+    ov = Overlay(opts, open_layers(opts))
+    try:
+        root = ov.table.root
+        ov.releasedir(ov.opendir(root))  # listed: the cache knows every name
+        assert ov.lookup(root, b"new") is None
+        handle, node, _ = ov.create(root, b"new", 0o644, os.O_WRONLY, OWNER)
+        ov.remember(node)
+        ov.release(handle.fh)
+        hit = ov.lookup(root, b"new")
+        assert hit is not None
+        assert hit[0] is node
+        dh = ov.opendir(root)
+        assert b"new" in ov.dir_handle(dh).names
+        ov.releasedir(dh)
+    finally:
+        ov.close()
