@@ -20,8 +20,8 @@ ROOT_INODE = 1  # FUSE's fixed root node id (pyfuse3.ROOT_INODE), kept here for 
 class Node:
     """An object of the merged tree."""
 
-    __slots__ = ("aliases", "cache", "fds", "final_st", "ino", "is_dir", "layers", "locations",
-                 "lookups", "name", "parent", "unlinked")
+    __slots__ = ("aliases", "cache", "fds", "final_st", "ino", "is_dir", "layers",
+                 "locations", "lookups", "name", "parent", "unlinked", "xattr_names")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, layers: tuple[int, ...],
                  is_dir: bool) -> None:
@@ -42,6 +42,10 @@ class Node:
         # What the core learnt of this directory's entries (its DirCache); dropped with the
         # fds, and by every change of the directory.
         self.cache: DirCache | None = None
+        # The on-disk names of its xattrs, once listed: most getxattr requests ask for what is
+        # not there (security.capability before every write(2), ACLs for every ls -l). Dropped
+        # by every xattr change and copy-up made through the core.
+        self.xattr_names: frozenset[bytes] | None = None
         # Layers where a redirect puts this directory elsewhere than parent/name.
         self.locations: dict[int, Location] = {}
 

@@ -353,11 +353,23 @@ class Overlay:
         disk = xattr_to_disk(name)
         if disk is None:
             raise OverlayError("private xattr", errno.ENODATA)
+        # Lower objects never change, and upper ones only through the core, or lose an xattr
+        # (security.capability to a chown or a write): the names known are a superset.
+        names = node.xattr_names
+        if names is None:
+            names = self._disk_xattrs(node)
+        if disk not in names:
+            raise OverlayError("no such xattr", errno.ENODATA)
         return os.getxattr(self.xattr_path(node), disk, follow_symlinks=False)
 
+    def _disk_xattrs(self, node: Node) -> frozenset[bytes]:
+        names = frozenset(os.fsencode(n) for n in
+                          os.listxattr(self.xattr_path(node), follow_symlinks=False))
+        node.xattr_names = names
+        return names
+
     def listxattr(self, node: Node) -> list[bytes]:
-        names = os.listxattr(self.xattr_path(node), follow_symlinks=False)
-        shown = (xattr_from_disk(os.fsencode(n)) for n in names)
+        shown = (xattr_from_disk(n) for n in self._disk_xattrs(node))
         return [n for n in shown if n is not None]
 
     def statfs(self) -> os.statvfs_result:
@@ -462,6 +474,7 @@ class Overlay:
                            fsync=self.opts.fsync, xattrs=extra)
         finally:
             self._changed(parent, node)
+            node.xattr_names = None
         new = os.stat(node.name, dir_fd=dst, follow_symlinks=False)
         self._remap[(new.st_dev, new.st_ino)] = node.ino
         node.layers = (0, *node.layers) if node.is_dir else (0,)
@@ -808,6 +821,7 @@ class Overlay:
         if disk is None:
             raise OverlayError("private xattr", errno.EOPNOTSUPP)
         self.copy_up(node)
+        node.xattr_names = None
         os.setxattr(self.xattr_path(node), disk, value, follow_symlinks=False)
 
     def removexattr(self, node: Node, name: bytes) -> None:
@@ -816,6 +830,7 @@ class Overlay:
             raise OverlayError("private xattr", errno.EOPNOTSUPP)
         self.getxattr(node, name)  # ENODATA before any copy-up, as the kernel answers
         self.copy_up(node)
+        node.xattr_names = None
         os.removexattr(self.xattr_path(node), disk, follow_symlinks=False)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 import subprocess
@@ -135,3 +136,60 @@ def test_remount_keeps_st_ino_of_copied_up_objects(stack: dict[str, Path]) -> No
         assert {n: os.lstat(stack["mnt"] / n).st_ino for n in names} == before
         # The record is private: not listed, not readable through the mount.
         assert os.listxattr(stack["mnt"] / "f") == []
+
+
+def test_appends_partial_pages_and_mmap_land_in_upper(stack: dict[str, Path]) -> None:
+    """Every byte lands in the upper layer at the right offset: O_APPEND handles interleaved,
+    a write-only handle writing across a page boundary, and mmap writes (what the kernel's
+    writeback cache would change, were it turned on: see fs.py)."""
+    (stack["lower2"] / "log").write_bytes(b"0123456789" * 1000)
+    (stack["lower2"] / "page").write_bytes(b"a" * 10000)
+    with overlayd_mounted(stack["mnt"], writable(stack)):
+        mnt = stack["mnt"]
+        first = os.open(mnt / "log", os.O_WRONLY | os.O_APPEND)
+        second = os.open(mnt / "log", os.O_WRONLY | os.O_APPEND)
+        try:
+            for i in range(50):
+                os.write(first if i % 2 else second, b"<%02d>" % i)
+        finally:
+            os.close(first)
+            os.close(second)
+        wo = os.open(mnt / "page", os.O_WRONLY)
+        try:
+            os.pwrite(wo, b"XY", 4095)  # straddles a page boundary of a cached-nowhere file
+        finally:
+            os.close(wo)
+        with open(mnt / "page", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+            m[0:3] = b"MAP"
+            m.flush()
+        expected_log = b"0123456789" * 1000 + b"".join(b"<%02d>" % i for i in range(50))
+        assert (mnt / "log").read_bytes() == expected_log
+        expected_page = b"MAP" + b"a" * 4092 + b"XY" + b"a" * (10000 - 4097)
+        assert (mnt / "page").read_bytes() == expected_page
+    assert (stack["upper"] / "log").read_bytes() == expected_log
+    assert (stack["upper"] / "page").read_bytes() == expected_page
+    assert (stack["lower2"] / "page").read_bytes() == b"a" * 10000
+
+
+@needs_root
+def test_capabilities_seen_set_and_removed_through_the_mount(stack: dict[str, Path]) -> None:
+    """The kernel asks for security.capability before every write; the core answers from the
+    xattr names it listed (overlay.py getxattr) and must forget them when xattrs change."""
+    caps = bytes.fromhex("0100000200200000000000000000000000000000")  # v2: cap_net_raw
+    (stack["lower2"] / "plain").write_bytes(b"x")
+    (stack["lower2"] / "capped").write_bytes(b"y")
+    os.setxattr(stack["lower2"] / "capped", "security.capability", caps)
+    with overlayd_mounted(stack["mnt"], writable(stack)):
+        mnt = stack["mnt"]
+        assert os.getxattr(mnt / "capped", "security.capability") == caps
+        with open(mnt / "plain", "ab") as f:
+            f.write(b"more")  # the kernel asks, and learns there are none
+        with pytest.raises(OSError, match="No data available"):
+            os.getxattr(mnt / "plain", "security.capability")
+        os.setxattr(mnt / "plain", "security.capability", caps)
+        assert os.getxattr(mnt / "plain", "security.capability") == caps
+        os.removexattr(mnt / "plain", "security.capability")
+        with pytest.raises(OSError, match="No data available"):
+            os.getxattr(mnt / "plain", "security.capability")
+        os.setxattr(mnt / "plain", "security.capability", caps)
+    assert os.getxattr(stack["upper"] / "plain", "security.capability") == caps
