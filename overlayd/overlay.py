@@ -48,6 +48,9 @@ from overlayd.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT
 
 log = logging.getLogger(__name__)
 
+# Layers a directory must span for a lookup in it to list it whole rather than probe each layer.
+LIST_TO_LOOK_UP = 8
+
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -233,6 +236,10 @@ class Overlay:
         try:
             found = cache.found[name]
         except KeyError:
+            if cache.present is None and len(parent.layers) >= LIST_TO_LOOK_UP:
+                # Probing a name costs two syscalls per layer that lacks it (the name and its
+                # .wh. whiteout): in a deep stack, one listing answers every later lookup.
+                self._list(parent, cache)
             if cache.present is not None and name not in cache.present:
                 found = None
             else:
@@ -421,15 +428,18 @@ class Overlay:
         if handle is not None:
             os.close(handle.fd)
 
-    def opendir(self, node: Node) -> int:
-        cache = node.cache
-        if cache is None:
-            cache = node.cache = DirCache()
+    def _list(self, node: Node, cache: DirCache) -> list[bytes]:
         if cache.names is None:
             cache.layer_names = {}
             cache.names = list_merged(self.dir_stack(node), cache.layer_names)
             cache.present = frozenset(cache.names)
-        names = cache.names
+        return cache.names
+
+    def opendir(self, node: Node) -> int:
+        cache = node.cache
+        if cache is None:
+            cache = node.cache = DirCache()
+        names = self._list(node, cache)
         dh = self._next_fh
         self._next_fh += 1
         self.dir_handles[dh] = DirHandle(node, names)

@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from overlayd import overlay as overlay_module
 from overlayd.errors import OverlayError
 from overlayd.inodes import Node
 from overlayd.options import parse_options
@@ -204,5 +205,46 @@ def test_negative_entry_forgotten_by_create(layers: tuple[Path, Path, Path, Path
         dh = ov.opendir(root)
         assert b"new" in ov.dir_handle(dh).names
         ov.releasedir(dh)
+    finally:
+        ov.close()
+
+
+@pytest.mark.parametrize("list_to_look_up", [8, 1000])  # listed at the first lookup / probed
+def test_deep_stack_lookups_list_once_and_agree_with_probing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, list_to_look_up: int) -> None:
+    """Ten lowers: a lookup in a directory that spans LIST_TO_LOOK_UP layers or more lists it
+    (overlay.py _cached_resolve); the answers must be those of probing layer by layer."""
+    monkeypatch.setattr(overlay_module, "LIST_TO_LOOK_UP", list_to_look_up)
+    lowers = [tmp_path / f"l{k}" for k in range(10)]  # l0 is the top
+    for k, layer in enumerate(lowers):
+        layer.mkdir()
+        (layer / f"f{k}").write_bytes(b"%d" % k)
+        (layer / "d").mkdir()
+        (layer / "d" / f"x{k}").write_bytes(b"x")
+    os.mknod(lowers[3] / "f7", stat.S_IFCHR, os.makedev(0, 0))  # hides l7's f7
+    (lowers[5] / ".wh.f8").write_bytes(b"")  # the OCI format hides l8's f8
+    os.setxattr(lowers[4] / "d", "trusted.overlay.opaque", b"y")  # d merges l0..l4 only
+    opts = parse_options(["lowerdir=" + ":".join(str(p) for p in lowers)])
+    ov = Overlay(opts, open_layers(opts))
+    try:
+        root = ov.table.root
+        for k in range(10):
+            hit = ov.lookup(root, b"f%d" % k)
+            if k in (7, 8):
+                assert hit is None
+            else:
+                assert hit is not None
+                assert hit[1].st_size == 1
+        assert ov.lookup(root, b"missing") is None
+        assert ov.lookup(root, b".wh.f8") is None
+        listed = root.cache is not None and root.cache.names is not None
+        assert listed == (list_to_look_up == 8)
+        hit = ov.lookup(root, b"d")
+        assert hit is not None
+        d = hit[0]
+        ov.remember(d)
+        assert d.layers == (0, 1, 2, 3, 4)
+        shown = [ov.lookup(d, b"x%d" % k) is not None for k in range(10)]
+        assert shown == [k <= 4 for k in range(10)]
     finally:
         ov.close()
