@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from overlayd import __version__
-from overlayd.errors import UsageError
+from overlayd.errors import MountError, UsageError
+from overlayd.options import encode_path, shown
 
 USAGE = """\
 usage: overlayd mount [-f] [-d] [--log FILE] -o lowerdir=L1:L2[,upperdir=U,workdir=W] MOUNTPOINT
@@ -128,12 +129,14 @@ def read_config(path: str) -> dict[str, str]:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise UsageError(f"config {path}: {e.strerror}") from None
+        raise UsageError(f"config {shown(path)}: {e.strerror}") from None
     except UnicodeDecodeError:
-        raise UsageError(f"config {path}: not UTF-8 text") from None
+        raise UsageError(f"config {shown(path)}: not UTF-8 text") from None
+    except ValueError:
+        raise UsageError(f"config {shown(path)}: contains a NUL character") from None
     config: dict[str, str] = {}
     for number, line in enumerate(lines, 1):
-        where = f"config {path} line {number}"
+        where = f"config {shown(path)} line {number}"
         try:
             words = shlex.split(line, comments=True)
         except ValueError as e:
@@ -151,7 +154,7 @@ def read_config(path: str) -> dict[str, str]:
             raise UsageError(f"{where}: {key} must be an absolute path")
         config[key] = value
     if "MOUNTPOINT" not in config:
-        raise UsageError(f"config {path}: no MOUNTPOINT=")
+        raise UsageError(f"config {shown(path)}: no MOUNTPOINT=")
     return config
 
 
@@ -161,12 +164,12 @@ def apply_config(cmd: Command) -> None:
         return
     config = read_config(cmd.config)
     if cmd.positionals:
-        raise UsageError(f"the mountpoint comes from {cmd.config}: "
-                         f"no {' '.join(cmd.positionals)} on the command line")
+        raise UsageError(f"the mountpoint comes from {shown(cmd.config)}: "
+                         f"no {' '.join(map(shown, cmd.positionals))} on the command line")
     cmd.positionals = [config["MOUNTPOINT"]]
     if cmd.action == "mount":
         if "OPTIONS" not in config:
-            raise UsageError(f"config {cmd.config}: no OPTIONS=")
+            raise UsageError(f"config {shown(cmd.config)}: no OPTIONS=")
         cmd.options = [config["OPTIONS"], *cmd.options]
         if cmd.log_file is None:
             cmd.log_file = config.get("LOG")
@@ -178,11 +181,13 @@ def _mountpoint(cmd: Command) -> bytes | None:
         if len(pos) != 1:
             raise UsageError("umount takes exactly one MOUNTPOINT")
     elif len(pos) > 2:
-        raise UsageError(f"too many arguments: {' '.join(pos)}")
+        raise UsageError(f"too many arguments: {' '.join(map(shown, pos))}")
     if not pos:
         return None
     # One positional: the mountpoint. Two: mount.fuse3's SOURCE MOUNTPOINT (source unused).
-    return os.path.abspath(os.fsencode(pos[-1]))
+    if "\0" in pos[-1]:  # from a --config file
+        raise UsageError(f"mountpoint {pos[-1]!r} contains a NUL character")
+    return os.path.abspath(encode_path("mountpoint", pos[-1]))
 
 
 def do_mount(cmd: Command) -> int:
@@ -191,15 +196,42 @@ def do_mount(cmd: Command) -> int:
     apply_config(cmd)
     opts = parse_options(cmd.options)
     mountpoint = _mountpoint(cmd)
+    if mountpoint is not None:
+        # Before validate stats it: a dead mount's stat fails with ENOTCONN, a stopped
+        # daemon's hangs. The parent resolved, the last component as given.
+        head, tail = os.path.split(mountpoint)
+        _refuse_overlayd_mount(mountpoint, os.path.join(os.path.realpath(head), tail))
     validate(opts, mountpoint)
     assert mountpoint is not None
+    _refuse_overlayd_mount(mountpoint, os.path.realpath(mountpoint))  # through a symlink
     if cmd.log_file is not None:
         cmd.log_file = os.path.abspath(cmd.log_file)
+        _check_log_file(cmd.log_file)
     from overlayd import daemon  # deferred: pyfuse3 and trio only when mounting
 
     if cmd.foreground:
         return daemon.run_foreground(opts, mountpoint, cmd.debug, cmd.log_file)
     return daemon.run_daemon(opts, mountpoint, cmd.debug, cmd.log_file)
+
+
+def _refuse_overlayd_mount(mountpoint: bytes, real: bytes) -> None:
+    """A second overlayd on the same mountpoint would hide the first one's files from new
+    lookups while its open files live on: refuse, as podman expects one mount per point."""
+    if mount_fstype(real) == OVERLAYD_FSTYPE:
+        raise UsageError(f"mountpoint {shown(mountpoint)} is already an overlayd mount "
+                         f"(overlayd umount it first)")
+
+
+def _check_log_file(path: str) -> None:
+    """Open --log FILE as the daemon will, so that a bad path is a usage error here rather
+    than a dying daemon with nowhere to say why."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+    except OSError as e:
+        raise UsageError(f"--log {shown(path)}: {e.strerror}") from None
+    except ValueError:
+        raise UsageError(f"--log {shown(path)}: contains a NUL character") from None
+    os.close(fd)
 
 
 def _unescape_mountinfo(field: bytes) -> bytes:
@@ -241,15 +273,15 @@ def do_umount(cmd: Command) -> int:
     assert mountpoint is not None
     fstype = mount_fstype(mountpoint)
     if fstype is None:
-        raise UsageError(f"{os.fsdecode(mountpoint)}: not mounted")
+        raise UsageError(f"{shown(mountpoint)}: not mounted")
     if fstype != OVERLAYD_FSTYPE:
-        raise UsageError(f"{os.fsdecode(mountpoint)}: not an overlayd mount ({fstype})")
+        raise UsageError(f"{shown(mountpoint)}: not an overlayd mount ({fstype})")
     # fusermount3 -u also clears a dead ("transport endpoint is not connected") mount. Nothing
     # here looks at the mountpoint itself: a hung daemon would hang us too.
     proc = _fusermount("-u", mountpoint)
     if proc.returncode != 0:
         reason = proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "failed"
-        print(f"overlayd: umount {os.fsdecode(mountpoint)}: {reason}", file=sys.stderr)
+        print(f"overlayd: umount {shown(mountpoint)}: {reason}", file=sys.stderr)
         return 1
     _remove_stale_state(mountpoint)
     return 0
@@ -386,6 +418,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"overlayd: {e}", file=sys.stderr)
         return 2
+    except MountError as e:
+        print(f"overlayd: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
     except OSError as e:

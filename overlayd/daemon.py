@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import fcntl
 import hashlib
 import json
 import logging
@@ -28,6 +29,7 @@ import resource
 import signal
 import socket
 import sys
+import tempfile
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,8 +40,9 @@ import trio
 
 from overlayd import __version__, fastpath
 from overlayd.constants import FSNAME, FUSE_SUBTYPE
+from overlayd.errors import MountError
 from overlayd.fs import Operations
-from overlayd.options import MountOptions
+from overlayd.options import MountOptions, shown
 from overlayd.overlay import Overlay, open_layers
 
 log = logging.getLogger(__name__)
@@ -300,6 +303,73 @@ def _raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def lock_layers(opts: MountOptions) -> list[int]:
+    """Hold the upper and work directories for this daemon's life (an exclusive flock on each;
+    the caller closes the fds returned). A second overlayd on them would clean the first one's
+    copy-ups in progress out of work/ and race it in the upper layer; the kernel marks its
+    layers in use the same way. The kernel drops a flock however its holder ends, so the
+    workdir of a crashed mount is free again at once."""
+    fds: list[int] = []
+    try:
+        for what, path in (("upperdir", opts.upperdir), ("workdir", opts.workdir)):
+            if path is None:
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError:
+                continue  # open_overlay says why, in its words
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise MountError(f"{what} {shown(path)} is in use by another overlayd "
+                                 f"mount") from None
+            except OSError as e:  # ENOLCK: NFS without a lock manager
+                log.warning("cannot lock %s %s (%s): a second mount of it would not be "
+                            "refused", what, shown(path), e.strerror)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def open_overlay(opts: MountOptions) -> Overlay:
+    """Open the layers and the workdir (cleaning what a crashed mount left there)."""
+    try:
+        return Overlay(opts, open_layers(opts))
+    except OSError as e:
+        where = "" if e.filename is None else f"{shown(e.filename)}: "
+        raise MountError(f"cannot open the layers: {where}{e.strerror}") from None
+
+
+def init_fuse(operations: Operations, mountpoint: bytes, options: set[str]) -> None:
+    """pyfuse3.init, with what libfuse and fusermount3 print on failure made the one line of
+    our error (pyfuse3 itself only says "fuse_session_mount failed")."""
+    with tempfile.TemporaryFile() as captured:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            os.dup2(captured.fileno(), 2)
+            try:
+                pyfuse3.init(operations, os.fsdecode(mountpoint), options)
+            finally:
+                os.dup2(saved, 2)
+        except RuntimeError as e:
+            captured.seek(0)
+            said = [line.strip() for line in captured.read().decode(errors="replace")
+                    .splitlines() if line.strip()]
+            raise MountError(f"cannot mount at {shown(mountpoint)}: "
+                             f"{'; '.join(said) or e}") from None
+        finally:
+            os.close(saved)
+        captured.seek(0)
+        warnings = captured.read()
+    if warnings:
+        sys.stderr.buffer.write(warnings)
+        sys.stderr.flush()
+
+
 async def _handle_signals(state: RunState) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for signum in signals:
@@ -313,13 +383,22 @@ async def _handle_signals(state: RunState) -> None:
 
 
 async def _announce_ready(mountpoint: bytes, dev_before: int, state: RunState) -> None:
-    try:
-        st = await trio.to_thread.run_sync(os.stat, mountpoint)
-    except OSError as e:
-        state.failure = f"the new mount does not answer: {e.strerror}"
-    else:
-        if st.st_dev == dev_before:
-            state.failure = "the mountpoint does not show the new mount"
+    failure: str | None = None
+    for delay in (0.0, 0.05, 0.1, 0.2, 0.4, 0.8):
+        # Rarely (seen once in a fuzz run, right after another mount left the same
+        # directory) the first stat still shows the directory underneath: ask again.
+        await trio.sleep(delay)
+        try:
+            st = await trio.to_thread.run_sync(os.stat, mountpoint)
+        except OSError as e:
+            failure = f"the new mount does not answer: {e.strerror}"
+            break
+        if st.st_dev != dev_before:
+            failure = None
+            break
+        failure = "the mountpoint does not show the new mount"
+        log.debug("%s yet", failure)
+    state.failure = state.failure or failure
     if state.failure is not None:
         log.error("%s", state.failure)
         pyfuse3.terminate()
@@ -334,8 +413,8 @@ async def _serve(mountpoint: bytes, dev_before: int, state: RunState) -> None:
         nursery.start_soon(_handle_signals, state)
         nursery.start_soon(_announce_ready, mountpoint, dev_before, state)
         fastpath.install()
+        # One reader task: our handlers never await, so more would only add task switches.
         try:
-            # One reader task: our handlers never await, so more would only add task switches.
             await pyfuse3.main(min_tasks=1, max_tasks=1)
         finally:
             fastpath.uninstall()
@@ -349,11 +428,23 @@ def serve(opts: MountOptions, mountpoint: bytes, state: RunState) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _raise_fd_limit()
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    layers = open_layers(opts)
-    overlay = Overlay(opts, layers)
-    dev_before = os.stat(mountpoint).st_dev
-    real_mountpoint = os.path.realpath(mountpoint)  # not once mounted: see write_state
-    pyfuse3.init(Operations(overlay), os.fsdecode(mountpoint), fuse_options(opts))
+    locks = lock_layers(opts)  # before the workdir is cleaned
+    try:
+        return _serve_locked(opts, mountpoint, state)
+    finally:
+        for fd in locks:
+            os.close(fd)
+
+
+def _serve_locked(opts: MountOptions, mountpoint: bytes, state: RunState) -> int:
+    overlay = open_overlay(opts)
+    try:
+        dev_before = os.stat(mountpoint).st_dev
+        real_mountpoint = os.path.realpath(mountpoint)  # not once mounted: see write_state
+        init_fuse(Operations(overlay), mountpoint, fuse_options(opts))
+    except BaseException:
+        overlay.close()
+        raise
 
     def describe() -> None:
         state.state_file = write_state(opts, real_mountpoint, state.log_file)
@@ -399,10 +490,11 @@ def run_daemon(opts: MountOptions, mountpoint: bytes, debug: bool, log_file: str
         try:
             code = _daemon_child(opts, mountpoint, debug, log_file, wfd)
         except BaseException as e:
+            # The parent shows the last line it reads: the traceback goes to the log first.
+            logging.getLogger(__name__).exception("daemon failed")
             msg = f"overlayd: {e}\n" if str(e) else f"overlayd: {type(e).__name__}\n"
             with contextlib.suppress(OSError):
-                os.write(2, msg.encode())
-            logging.getLogger(__name__).exception("daemon failed")
+                os.write(2, msg.encode(errors="backslashreplace"))
         finally:
             os._exit(code)
     os.close(wfd)

@@ -24,3 +24,8 @@ class ReadOnly(OverlayError):
 
 class UsageError(Exception):
     """Bad command line or mount options: reported as one line, exit status 2."""
+
+
+class MountError(Exception):
+    """A mount that cannot be made (its layers in use, libfuse refusing it, ...): reported as
+    one line, exit status 1."""

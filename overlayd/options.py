@@ -13,7 +13,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from overlayd.constants import MAX_LAYERS
+from overlayd.constants import MAX_LAYERS, WORK_SUBDIR
 from overlayd.errors import UsageError
 
 # mount(8) flags that libfuse applies to the mount itself.
@@ -135,6 +135,22 @@ def _unescape(value: str) -> str:
     return "".join(split_escaped(value, "\0"))
 
 
+def encode_path(what: str, value: str) -> bytes:
+    """*value* as a host path, or a UsageError: a lone surrogate (from a caller of main(), never
+    from argv) has no bytes. A NUL is refused by validate, where it meets a system call."""
+    try:
+        return os.fsencode(value)
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} {value!r} is not a valid path") from None
+
+
+def shown(path: bytes | str) -> str:
+    """A path for a one-line message: as is when printable, else quoted with escapes (a
+    newline in a name must not split the message)."""
+    text = os.fsdecode(path)
+    return text if text.isprintable() else repr(text)
+
+
 def parse_options(option_strings: Iterable[str]) -> MountOptions:
     """Parse one or more ``-o`` strings. Does not touch the filesystem."""
     lowers: tuple[bytes, ...] | None = None
@@ -155,13 +171,13 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 parts = split_escaped(value, ":")
                 if not value or any(p == "" for p in parts):
                     raise UsageError(f"lowerdir has an empty element: {value!r}")
-                lowers = tuple(os.fsencode(p) for p in parts)
+                lowers = tuple(encode_path("lowerdir", p) for p in parts)
             elif key == "upperdir":
-                upper = os.fsencode(_unescape(value)) if value else None
+                upper = encode_path("upperdir", _unescape(value)) if value else None
                 if upper is None:
                     raise UsageError("upperdir= is empty")
             elif key == "workdir":
-                work = os.fsencode(_unescape(value)) if value else None
+                work = encode_path("workdir", _unescape(value)) if value else None
                 if work is None:
                     raise UsageError("workdir= is empty")
             elif not has_value and key in FUSE_MOUNT_FLAGS:
@@ -216,24 +232,61 @@ def _is_within(inner: bytes, outer: bytes) -> bool:
 
 
 def _stat_dir(what: str, path: bytes) -> os.stat_result:
-    shown = os.fsdecode(path)
     try:
         st = os.stat(path)
     except OSError as e:
-        raise UsageError(f"{what} {shown}: {e.strerror}") from None
+        raise UsageError(f"{what} {shown(path)}: {e.strerror}") from None
+    except ValueError:  # a NUL, possible in a --config file
+        raise UsageError(f"{what} {shown(path)}: contains a NUL character") from None
     if not stat.S_ISDIR(st.st_mode):
-        raise UsageError(f"{what} {shown}: not a directory")
+        raise UsageError(f"{what} {shown(path)}: not a directory")
     return st
+
+
+def _check_lowers(lowers: tuple[bytes, ...]) -> None:
+    """Each lower layer a readable directory, none of them another or inside another: the
+    kernel refuses both ("conflicting lowerdir path", "overlapping lowerdir path", ELOOP)."""
+    seen: list[tuple[bytes, bytes, tuple[int, int]]] = []
+    for lower in lowers:
+        st = _stat_dir("lowerdir", lower)
+        if not os.access(lower, os.R_OK | os.X_OK):
+            raise UsageError(f"lowerdir {shown(lower)}: not readable")
+        real = os.path.realpath(lower)
+        for other, other_real, other_id in seen:
+            if other_id == (st.st_dev, st.st_ino) or real == other_real:
+                also = "" if other == lower else f" (as {shown(other)} before)"
+                raise UsageError(f"lowerdir {shown(lower)} is given twice{also}")
+            if _is_within(real, other_real) or _is_within(other_real, real):
+                raise UsageError(f"lowerdir {shown(lower)} overlaps lowerdir {shown(other)}")
+        seen.append((lower, real, (st.st_dev, st.st_ino)))
+
+
+def _check_workdir(workdir: bytes) -> None:
+    """The workdir and its work/ (left by an earlier mount, ours or the kernel's) usable."""
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise UsageError(f"workdir {shown(workdir)}: not writable")
+    work = os.path.join(workdir, WORK_SUBDIR)
+    try:
+        st = os.lstat(work)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise UsageError(f"workdir {shown(workdir)}: {shown(work)}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"workdir {shown(workdir)}: {shown(work)} is not a directory "
+                         f"(remove it)")
+    if not os.access(work, os.R_OK | os.W_OK | os.X_OK):
+        raise UsageError(f"workdir {shown(workdir)}: {shown(work)} is not writable "
+                         f"(left by another user's mount? remove it)")
 
 
 def validate(opts: MountOptions, mountpoint: bytes | None) -> None:
     """Refuse, before anything is mounted, every combination that cannot work."""
     if mountpoint is None:
         raise UsageError("missing mountpoint")
-    for lower in opts.lowerdirs:
-        _stat_dir("lowerdir", lower)
-    mnt_real = os.path.realpath(mountpoint)
+    _check_lowers(opts.lowerdirs)
     _stat_dir("mountpoint", mountpoint)
+    mnt_real = os.path.realpath(mountpoint)
     layers = [("lowerdir", p) for p in opts.lowerdirs]
     if opts.upperdir is not None and opts.workdir is not None:
         upper_st = _stat_dir("upperdir", opts.upperdir)
@@ -245,18 +298,19 @@ def validate(opts: MountOptions, mountpoint: bytes | None) -> None:
         if _is_within(work_real, upper_real) or _is_within(upper_real, work_real):
             raise UsageError("workdir and upperdir must be separate subtrees")
         if not opts.read_only and not os.access(opts.upperdir, os.W_OK | os.X_OK):
-            raise UsageError(f"upperdir {os.fsdecode(opts.upperdir)}: not writable")
+            raise UsageError(f"upperdir {shown(opts.upperdir)}: not writable")
         for _what, lower in layers:
             # As the kernel: the upper and work trees must not overlap a lower layer.
             lower_real = os.path.realpath(lower)
             for name, real in (("upperdir", upper_real), ("workdir", work_real)):
                 if _is_within(real, lower_real) or _is_within(lower_real, real):
-                    raise UsageError(f"{name} overlaps lowerdir {os.fsdecode(lower)}")
+                    raise UsageError(f"{name} overlaps lowerdir {shown(lower)}")
+        # Even a read-only mount builds its work/ (and cleans it): the workdir must be usable.
+        _check_workdir(opts.workdir)
         layers += [("upperdir", opts.upperdir), ("workdir", opts.workdir)]
     for what, path in layers:
         real = os.path.realpath(path)
         if _is_within(mnt_real, real):
-            raise UsageError(f"mountpoint {os.fsdecode(mountpoint)} is inside {what} "
-                             f"{os.fsdecode(path)}")
+            raise UsageError(f"mountpoint {shown(mountpoint)} is inside {what} {shown(path)}")
         if _is_within(real, mnt_real):
-            raise UsageError(f"{what} {os.fsdecode(path)} is inside the mountpoint")
+            raise UsageError(f"{what} {shown(path)} is inside the mountpoint")

@@ -149,3 +149,74 @@ def overlay_options(lowers: list[Path], upper: Path | None = None,
         assert work is not None
         opts += f",upperdir={upper},workdir={work}"
     return opts
+
+
+FUSE_OVERLAYFS = "fuse-overlayfs"
+
+
+@contextlib.contextmanager
+def fuse_overlayfs_mounted(mountpoint: Path, options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """Run ``fuse-overlayfs -f -o OPTIONS MOUNTPOINT`` (the peer the differential fuzzer can
+    measure) as our child and yield it once the mount answers; unmounted like overlayd's, and
+    only the process started here is ever signalled."""
+    log_path = mountpoint.parent / f".{mountpoint.name}.fuse-overlayfs.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen([FUSE_OVERLAYFS, "-f", "-o", options, str(mountpoint)],
+                                stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+    try:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"fuse-overlayfs exited with {proc.returncode}:\n"
+                                   + log_path.read_text(errors="replace"))
+            return mount_fstype(mountpoint) == "fuse.fuse-overlayfs"
+
+        poll(ready, READY_TIMEOUT, f"fuse-overlayfs at {mountpoint}")
+        os.stat(mountpoint)
+        yield proc
+    finally:
+        unmount_fuse(mountpoint, proc)
+
+
+@contextlib.contextmanager
+def command_mounted(mountpoint: Path, argv: list[str], *,
+                    check_logs: bool = True) -> Iterator[Daemon]:
+    """Like overlayd_mounted, for a foreground command line of the test's own (a wrapper script
+    that patches overlayd, then runs its main with ``mount -f ...``): yield once the mount
+    answers, unmount in ``finally``, signalling only the process started here."""
+    log_path = mountpoint.parent / f".{mountpoint.name}.command.log"
+    with open(log_path, "wb") as logf:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
+    daemon = Daemon(proc, mountpoint, log_path)
+    try:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{argv[:2]} exited with {proc.returncode}:\n{daemon.log()}")
+            return mount_fstype(mountpoint) == "fuse.overlayd"
+
+        poll(ready, READY_TIMEOUT, f"{argv[:2]} at {mountpoint}")
+        os.stat(mountpoint)
+        yield daemon
+    finally:
+        unmount_fuse(mountpoint, proc)
+    if check_logs:
+        check_log(daemon.log())
+
+
+def processes_mentioning(text: str) -> set[int]:
+    """Pids of the live processes whose command line holds *text* (a test's unique temporary
+    path): how a test finds a daemon it started, or one left behind, without naming programs."""
+    found = set()
+    needle = os.fsencode(text)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in cmdline and state not in (b"Z", b"X"):
+            found.add(int(entry))
+    return found

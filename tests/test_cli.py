@@ -267,3 +267,61 @@ def test_main_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert (rc, err) == (0, "")
     assert out == cli.USAGE
     assert out.startswith("usage: overlayd mount ")
+
+
+# --- issue 8: more bad input, each one line naming the problem ---------------------------------
+
+
+def test_main_layer_given_twice(capsys: pytest.CaptureFixture[str],
+                                stack: dict[str, Path]) -> None:
+    l1, l2 = stack["lower1"], stack["lower2"]
+    assert_one_line_error(capsys, ["-o", f"lowerdir={l1}:{l2}:{l1}", str(stack["mnt"])],
+                          f"lowerdir {l1} is given twice")
+    assert_one_line_error(capsys, ["-o", f"lowerdir={l1}:{l1}/", str(stack["mnt"])],
+                          f"lowerdir {l1}/ is given twice (as {l1} before)")
+
+
+def test_main_nested_layers(capsys: pytest.CaptureFixture[str], stack: dict[str, Path]) -> None:
+    inner = stack["lower1"] / "sub"
+    inner.mkdir()
+    assert_one_line_error(capsys, ["-o", f"lowerdir={stack['lower1']}:{inner}", str(stack["mnt"])],
+                          f"lowerdir {inner} overlaps lowerdir {stack['lower1']}")
+
+
+def test_main_work_subdir_not_a_directory(capsys: pytest.CaptureFixture[str],
+                                          stack: dict[str, Path]) -> None:
+    (stack["work"] / "work").write_bytes(b"")
+    options = f"lowerdir={stack['lower1']},upperdir={stack['upper']},workdir={stack['work']}"
+    assert_one_line_error(capsys, ["-o", options, str(stack["mnt"])],
+                          f"workdir {stack['work']}: {stack['work'] / 'work'} is not a directory "
+                          "(remove it)")
+
+
+def test_main_log_file_cannot_be_opened(capsys: pytest.CaptureFixture[str],
+                                        stack: dict[str, Path]) -> None:
+    log = stack["mnt"] / "no" / "log"
+    assert_one_line_error(capsys, ["mount", "--log", str(log), "-o",
+                                   f"lowerdir={stack['lower1']}", str(stack["mnt"])],
+                          f"--log {log}: No such file or directory")
+
+
+def test_main_path_with_a_newline_stays_one_line(capsys: pytest.CaptureFixture[str],
+                                                 stack: dict[str, Path]) -> None:
+    missing = f"{stack['lower1']}/a\nb"
+    assert_one_line_error(capsys, ["-o", f"lowerdir={missing}", str(stack["mnt"])],
+                          f"lowerdir {missing!r}: No such file or directory")
+
+
+def test_main_nul_and_surrogates(capsys: pytest.CaptureFixture[str],
+                                 stack: dict[str, Path]) -> None:
+    """Neither reaches main() from argv; a --config file or a caller of main() may pass them."""
+    lower = f"lowerdir={stack['lower1']}"
+    assert_one_line_error(capsys, ["-o", lower, "/tmp/a\0b"],
+                          "mountpoint '/tmp/a\\x00b' contains a NUL character")
+    with_nul = f"{stack['lower1']}\0x"
+    assert_one_line_error(capsys, ["-o", f"lowerdir={with_nul}", str(stack["mnt"])],
+                          f"lowerdir {with_nul!r}: contains a NUL character")
+    assert_one_line_error(capsys, ["-o", lower, "/tmp/\ud800"],
+                          "mountpoint '/tmp/\\ud800' is not a valid path")
+    assert_one_line_error(capsys, ["-o", "lowerdir=/tmp/\ud800", str(stack["mnt"])],
+                          "lowerdir '/tmp/\\ud800' is not a valid path")
