@@ -42,7 +42,7 @@ class Layer:
 Location = tuple[bool, tuple[bytes, ...]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Found:
     """A name resolved through a directory stack."""
 
@@ -65,15 +65,19 @@ class DirCache:
     Valid until the directory changes. Lower layers never change under a mount (overlayfs's
     contract: changing them is undefined behaviour, for the kernel too), and the upper layer
     changes only through the core, which drops the cache of every directory a change touches.
-    Only the stat of a lower object is trusted from here; an upper one is stat'ed again.
+    A name is kept as where it lives, not as its stat (an os.stat_result costs some 600 bytes):
+    ``(layers, file type, locations)`` of its Found, or None when the merged view lacks it.
     """
 
-    found: dict[bytes, Found | None] = field(default_factory=dict)
+    found: dict[bytes, Place | None] = field(default_factory=dict)
     names: list[bytes] | None = None
     present: frozenset[bytes] | None = None  # set(names), once listed
     # Once listed: layer index -> every name its real directory holds (whiteouts included),
     # so that resolving a name probes only the layers that have it.
     layer_names: dict[int, set[bytes]] | None = None
+
+
+Place = tuple[tuple[int, ...], int, tuple[tuple[int, Location], ...]]
 
 
 def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:

@@ -31,6 +31,7 @@ from overlayd.layers import (
     DirStack,
     Found,
     Layer,
+    Place,
     list_merged,
     open_dir_at,
     resolve,
@@ -226,15 +227,15 @@ class Overlay:
         return resolve(self.dir_stack(parent), name, self.roots, self.opts.redirect_follow)
 
     def _cached_resolve(self, parent: Node, name: bytes) -> Found | None:
-        """_resolve through the directory's cache (see DirCache): a name met before costs no
-        syscall when it is a lower object and one lstat when it is an upper one."""
+        """_resolve through the directory's cache (see DirCache): a name met before costs one
+        lstat, a name the directory lacks none."""
         cache = parent.cache
         if cache is None:
             if not parent.is_dir:
                 raise OverlayError("not a directory", errno.ENOTDIR)
             cache = parent.cache = DirCache()
         try:
-            found = cache.found[name]
+            place = cache.found[name]
         except KeyError:
             if cache.present is None and len(parent.layers) >= LIST_TO_LOOK_UP:
                 # Probing a name costs two syscalls per layer that lacks it (the name and its
@@ -245,16 +246,18 @@ class Overlay:
             else:
                 found = resolve(self.dir_stack(parent), name, self.roots,
                                 self.opts.redirect_follow, cache.layer_names)
-            cache.found[name] = found
+            cache.found[name] = _place(found)
             return found
-        if found is None or found.layers[0] != 0:
-            return found
-        st = _lstat(self.dir_fd(parent, 0), name)
-        if st is None or stat.S_IFMT(st.st_mode) != stat.S_IFMT(found.st.st_mode):
+        if place is None:
+            return None
+        layers, fmt, locations = place
+        st = _lstat(self.dir_fd(parent, layers[0]), name)
+        if st is None or stat.S_IFMT(st.st_mode) != fmt:
             # Changed behind our back (undefined for overlayfs): believe the layers.
-            found = cache.found[name] = self._resolve(parent, name)
+            found = self._resolve(parent, name)
+            cache.found[name] = _place(found)
             return found
-        return Found(found.layers, st, found.locations)
+        return Found(layers, st, locations)
 
     @staticmethod
     def _changed(*nodes: Node | None) -> None:
@@ -858,6 +861,12 @@ class Overlay:
     def fsyncdir(self, node: Node) -> None:
         if self.opts.fsync and 0 in node.layers and self.upper is not None:
             os.fsync(self.dir_fd(node, 0))
+
+
+def _place(found: Found | None) -> Place | None:
+    if found is None:
+        return None
+    return found.layers, stat.S_IFMT(found.st.st_mode), found.locations
 
 
 def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
