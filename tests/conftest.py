@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 
 def have_fuse() -> bool:
@@ -24,6 +25,20 @@ needs_fuse = pytest.mark.skipif(not have_fuse(), reason="needs /dev/fuse and fus
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 needs_kernel_overlay = pytest.mark.skipif(
     not have_kernel_overlay(), reason="needs root and the kernel's overlay filesystem")
+
+
+# Hypothesis profiles. "ci" (hypothesis loads it itself when CI is set) and "soak" give every
+# property test their example counts; the differential fuzzer (test_kernel_fuzz.py) also takes
+# its step count from them, and runs a quick 30 x 25 under any other profile. Select with
+# --hypothesis-profile=NAME or OVERLAYD_FUZZ_PROFILE=NAME (the option wins).
+settings.register_profile(
+    "ci", max_examples=100, stateful_step_count=25, derandomize=True, deadline=None,
+    database=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile(
+    "soak", max_examples=600, stateful_step_count=60, derandomize=False, deadline=None,
+    print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+if os.environ.get("OVERLAYD_FUZZ_PROFILE"):
+    settings.load_profile(os.environ["OVERLAYD_FUZZ_PROFILE"])
 
 
 @pytest.fixture

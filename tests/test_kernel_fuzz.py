@@ -1,42 +1,54 @@
 """Differential fuzzing of the write path: random operations on the kernel's overlay and overlayd.
 
-A hypothesis state machine builds a small lower stack (2 or 3 layers drawn from a pool of names,
-with files, directories, opaque directories, whiteouts, symlinks, hard links and fifos), builds it
-twice, mounts the kernel's overlayfs on one copy and overlayd on the other, each with its own upper
-and work directories, and applies every operation to both mounts. Each operation must have the same
+A hypothesis state machine builds a lower stack (1 to 5 layers drawn over a pool of names, with
+files, sparse files, directories with and without xattrs, opaque directories, whiteouts,
+symlinks, hard links and fifos, a name's type changing from layer to layer), builds it twice,
+mounts the kernel's overlayfs on one copy and overlayd on the other, each with its own upper and
+work directories, and applies every operation to both mounts. Each operation must have the same
 outcome on both (ok with the same result, or the same errno); every few steps and at the end the
-merged trees must be equal; after unmounting, the upper directories too (whiteouts and opaque
-markers included), and each upper mounted by the other implementation must show the same tree.
+merged trees must be equal; a directory read a few entries at a time while it changes must give
+what POSIX promises (every name that stayed exactly once, no name that never was there). After
+unmounting, the upper directories must be equal too (whiteouts and opaque markers included),
+each upper mounted by the other implementation must show the same tree, and overlayd remounted on
+its own upper must give every path the st_ino it had.
 
 The documented differences (tests/differences.py) are normalised away before comparing; the
 times set on purpose (utime) are fixed values from the past, so they are compared exactly.
+
+Every change is a line of Python (tests/fuzz_script.py) run on both mounts, so a failing example,
+once shrunk, is printed (hypothesis ``note``) as a runnable script: the layers built, then each
+step; run it with ``kernel`` and with ``overlayd`` and diff the outputs.
 
 Symlink targets are relative and point downwards only (no ``..``), so a path that follows one,
 wherever renames move it, never leaves the mount. Every open uses O_NONBLOCK: a fifo is never
 waited on.
 
-Runs: OVERLAYD_FUZZ_EXAMPLES (default 30) examples of up to OVERLAYD_FUZZ_STEPS (default 25)
-steps; derandomized when CI is set; OVERLAYD_FUZZ_KEEP=1 keeps each example's directories.
+Sizes: the hypothesis profile (registered in tests/conftest.py): ``ci`` (loaded when CI is set:
+100 examples of up to 25 steps, derandomized), ``soak`` (``--hypothesis-profile=soak`` or
+OVERLAYD_FUZZ_PROFILE=soak: 600 examples of up to 60 steps, random); otherwise a quick 30 x 25.
+OVERLAYD_FUZZ_EXAMPLES and OVERLAYD_FUZZ_STEPS override either; OVERLAYD_FUZZ_KEEP=1 keeps each
+example's directories. The test prints how many examples and steps ran (``-rP`` shows it).
+
+The same machine measures another implementation against the kernel (scripts/fuzz-survey, e.g.
+fuse-overlayfs): that is a report of differences, not a test of overlayd, so it is no pytest test.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import functools
 import itertools
 import os
 import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, NoReturn
+from typing import Any, ClassVar
 
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, note, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -50,11 +62,21 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from overlayd.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from overlayd.constants import SYNTHETIC_INO_BASE
 from tests.conftest import needs_fuse, needs_kernel_overlay
 from tests.differences import normalize, recent_times, whiteouts_unshared
+from tests.fuzz_script import (
+    Script,
+    namespace,
+    octal,
+    open_flags,
+    path_at,
+    render_steps,
+    run_statement,
+)
 from tests.mounting import (
     KERNEL_PINNED,
+    fuse_overlayfs_mounted,
     is_mounted,
     kernel_mounted,
     overlay_options,
@@ -67,8 +89,7 @@ from tests.treebuild import OPAQUE_XATTR
 pytestmark = [pytest.mark.kernel, pytest.mark.mounted, pytest.mark.slow, needs_kernel_overlay,
               needs_fuse]
 
-EXAMPLES = int(os.environ.get("OVERLAYD_FUZZ_EXAMPLES", "30"))
-STEPS = int(os.environ.get("OVERLAYD_FUZZ_STEPS", "25"))
+QUICK_EXAMPLES, QUICK_STEPS = 30, 25  # without the ci or soak profile
 KEEP = bool(os.environ.get("OVERLAYD_FUZZ_KEEP"))
 CHECK_EVERY = 3  # steps between two comparisons of the merged trees
 
@@ -83,40 +104,40 @@ TARGETS: tuple[str, ...] = ("a", "b", "x/a", "d/a", "nowhere")
 # Drawn uniformly, shrunk towards the first (so the simplest stack is a full tree of plain files
 # and directories); repeats weigh the draw towards things that exist.
 KINDS: tuple[str, ...] = ("file", "absent", "dir", "opaque", "whiteout", "symlink", "link",
-                          "fifo", "file_alt", "file", "link", "file_alt")
+                          "fifo", "file_alt", "file", "link", "file_alt", "sparse", "dir_x")
 DIR_KINDS: tuple[str, ...] = ("dir", "absent", "opaque", "whiteout", "file", "symlink", "dir",
-                              "dir", "opaque")
-IS_DIR = frozenset({"dir", "opaque"})
-IS_FILE = frozenset({"file", "file_alt", "link"})
+                              "dir", "opaque", "dir_x", "sparse")
+IS_DIR = frozenset({"dir", "dir_x", "opaque"})
+IS_FILE = frozenset({"file", "file_alt", "link", "sparse"})
 
 BASE_NS = 1_600_000_000_123_456_789
 LAYER_STEP_NS = 10_000_000_000_000
 ENTRY_STEP_NS = 1_000_003_001
-# utime values: from the past, so normalize() keeps them.
+# utime values: from the past, so normalize() keeps them; None is "now".
 TIMES: tuple[tuple[int, int] | None, ...] = (
     (1, 2), (10**18, 10**18 + 123_456_789), (BASE_NS, BASE_NS + 1), None)
 
-DATA: tuple[bytes, ...] = (b"x", b"hello\n", b"\0\0\0", bytes(range(256)) * 20)
-SIZES: tuple[int, ...] = (0, 3, 10, 5000)
-OFFSETS: tuple[int, ...] = (0, 1, 7, 4096)
+# Data as the statements spell it.
+DATA: tuple[str, ...] = (repr(b"x"), repr(b"hello\n"), repr(b"\0\0\0"), "bytes(range(256)) * 20")
+SIZES: tuple[int, ...] = (0, 3, 10, 5000, 70000)
+OFFSETS: tuple[int, ...] = (0, 1, 7, 4096, 65536)
 MODES: tuple[int, ...] = (0o644, 0o600, 0o755, 0o4755, 0o2775, 0o1777, 0o000)
 UIDS: tuple[int, ...] = (0, 1000, 65534)
 GIDS: tuple[int, ...] = (0, 100, 1000)
 XATTR_NAMES: tuple[str, ...] = ("user.k", "user.m")
 XATTR_VALUES: tuple[bytes, ...] = (b"1", b"", b"long" * 64)
-XATTR_FLAGS: tuple[int, ...] = (os.XATTR_CREATE, os.XATTR_REPLACE)
+DIRENT_BUFFER = 80  # bytes per getdents64 call: two or three entries, so reads interleave
 
 LayerSpec = tuple[str, ...]  # one kind per LAYER_PATHS entry
-Op = Callable[[bytes], object]
 
 
 # -- the lower stack --------------------------------------------------------------------------
 
 def layer_specs() -> st.SearchStrategy[list[LayerSpec]]:
-    """2 or 3 layers, top first, each a kind for every name of LAYER_PATHS."""
+    """1 to 5 layers, top first, each a kind for every name of LAYER_PATHS."""
     layer = st.tuples(*(st.sampled_from(DIR_KINDS if p in DIR_PATHS else KINDS)
                         for p in LAYER_PATHS))
-    return st.lists(layer, min_size=2, max_size=3)
+    return st.lists(layer, min_size=1, max_size=5)
 
 
 def _ancestors(rel: str) -> list[str]:
@@ -175,50 +196,81 @@ def plan_stack(specs: Sequence[LayerSpec]) -> list[dict[str, str]]:
     return plans
 
 
-def build_layer(layer: Path, level: int, plan: dict[str, str]) -> None:
-    """Write one layer as planned; its content depends only on *level* and *plan*."""
-    layer.mkdir()
+def layer_statements(level: int, plan: dict[str, str]) -> list[str]:
+    """The statements that write one layer (at ``L``) as planned; its content depends only on
+    *level* and *plan*."""
+    out: list[str] = []
     for index, (rel, kind) in enumerate(plan.items()):
-        path = layer / rel
+        at = path_at("L", rel)
         if kind == "link":
             source = next(p for p, k in plan.items() if k in IS_FILE)
-            os.link(layer / source, path)
+            out.append(f"os.link({path_at('L', source)}, {at})")
         elif kind in IS_DIR:
-            os.mkdir(path, 0o755 if kind == "dir" else 0o750)
+            out.append(f"os.mkdir({at}, {octal(0o750 if kind == 'opaque' else 0o755)})")
             if kind == "opaque":
-                os.setxattr(path, OPAQUE_XATTR, b"y")
-                os.setxattr(path, "user.k", b"opaque%d" % level)
+                out.append(f"os.setxattr({at}, {OPAQUE_XATTR!r}, b'y')")
+            if kind != "dir":
+                out.append(f"os.setxattr({at}, 'user.k', {b'%s%d' % (kind.encode(), level)!r})")
         elif kind == "file":
-            path.write_bytes(b"l%d:%s\n" % (level, rel.encode()))
-            os.chmod(path, 0o644)
+            data = b"l%d:%s\n" % (level, rel.encode())
+            out.append(f"put({at}, {data!r})")
+            out.append(f"os.chmod({at}, 0o644)")
         elif kind == "file_alt":
-            path.write_bytes(b"l%d:%s:" % (level, rel.encode()) + b"z" * 3000)
-            os.chown(path, 1000, 1000)
-            os.chmod(path, 0o600)
-            os.setxattr(path, "user.k", b"v%d" % level)
+            out.append(f"put({at}, {b'l%d:%s:' % (level, rel.encode())!r} + b'z' * 3000)")
+            out.append(f"os.chown({at}, 1000, 1000)")
+            out.append(f"os.chmod({at}, 0o600)")
+            out.append(f"os.setxattr({at}, 'user.k', {b'v%d' % level!r})")
+        elif kind == "sparse":
+            out.append(f"sparse({at}, {b'l%d:%s' % (level, rel.encode())!r}, 65536, 200000)")
+            out.append(f"os.chmod({at}, 0o640)")
         elif kind == "whiteout":
-            os.mknod(path, stat.S_IFCHR, os.makedev(0, 0))
-            os.chmod(path, 0)
+            out.append(f"os.mknod({at}, stat.S_IFCHR, os.makedev(0, 0))")
+            out.append(f"os.chmod({at}, 0)")
         elif kind == "symlink":
-            os.symlink(TARGETS[(level + index) % len(TARGETS)], path)
+            out.append(f"os.symlink({TARGETS[(level + index) % len(TARGETS)].encode()!r}, {at})")
         elif kind == "fifo":
-            os.mkfifo(path, 0o640)
+            out.append(f"os.mkfifo({at}, 0o640)")
         else:
             raise AssertionError(kind)
     # Fixed times, deepest first so that a directory's time is set after its children's.
     for order, rel in sorted(enumerate(plan), key=lambda x: (-x[1].count("/"), x[1])):
         ns = BASE_NS + level * LAYER_STEP_NS + order * ENTRY_STEP_NS
-        os.utime(layer / rel, ns=(ns, ns), follow_symlinks=False)
-    os.utime(layer, ns=(BASE_NS, BASE_NS))
+        out.append(f"os.utime({path_at('L', rel)}, ns=({ns}, {ns}), follow_symlinks=False)")
+    out.append(f"os.utime(L, ns=({BASE_NS}, {BASE_NS}))")
+    return out
+
+
+def build_layer(layer: Path, statements: Sequence[str]) -> None:
+    """Run a layer's statements at *layer* (made here); any failure is the harness's own bug."""
+    layer.mkdir()
+    ns = namespace(L=os.fsencode(layer))
+    for code in statements:
+        outcome = run_statement(code, ns)
+        assert outcome == ("ok", []), f"building {layer}: {code}: {outcome}"
+
+
+# -- the implementations ------------------------------------------------------------------------
+
+Mounter = Callable[[Path, str], contextlib.AbstractContextManager[object]]
+PEERS: dict[str, Mounter] = {
+    "overlayd": overlayd_mounted,
+    "fuse-overlayfs": fuse_overlayfs_mounted,
+}
+
+
+def kernel_mounter(mnt: Path, options: str) -> contextlib.AbstractContextManager[None]:
+    return kernel_mounted(mnt, options + "," + KERNEL_PINNED)
 
 
 @dataclass
 class Side:
-    """One implementation's copy of the stack and its mount."""
+    """One implementation's copy of the stack, its mount, and its statements' variables."""
 
     name: str
     base: Path
     lowers: list[Path]
+    mount: Mounter
+    ns: dict[str, Any] = field(default_factory=dict)
 
     @property
     def upper(self) -> Path:
@@ -235,67 +287,116 @@ class Side:
     def options(self) -> str:
         return overlay_options(self.lowers, self.upper, self.work)
 
+    def run(self, code: str) -> object:
+        return run_statement(code, self.ns)
 
-def make_side(name: str, base: Path, specs: Sequence[LayerSpec]) -> Side:
+
+def make_side(name: str, base: Path, layers: Sequence[Sequence[str]], mount: Mounter) -> Side:
     base.mkdir(parents=True)
-    lowers = [base / f"l{level}" for level in range(len(specs))]
-    for level, (layer, plan) in enumerate(zip(lowers, plan_stack(specs), strict=True)):
-        build_layer(layer, level, plan)
+    lowers = [base / f"l{level}" for level in range(len(layers))]
+    for layer, statements in zip(lowers, layers, strict=True):
+        build_layer(layer, statements)
     for sub in ("upper", "work", "mnt"):
         (base / sub).mkdir()
-    return Side(name, base, lowers)
+    return Side(name, base, lowers, mount,
+                namespace(M=os.fsencode(base / "mnt"), H={}, D={}))
 
 
-# -- the operations -----------------------------------------------------------------------------
+def inode_numbers(root: Path) -> dict[bytes, int]:
+    """st_ino of every path under *root*, relative (root itself as b".")."""
+    base = os.fsencode(root)
+    found = {b".": os.lstat(base).st_ino}
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            found[os.path.relpath(path, base)] = os.lstat(path).st_ino
+    return found
 
-def attempt(call: Callable[[], object]) -> object:
-    """What *call* did: ("ok", its result) or the errno's name."""
+
+def _all_stats(root: Path) -> Iterator[os.stat_result]:
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            yield os.lstat(os.path.join(dirpath, name))
+
+
+def listing(dir_fd: int) -> dict[bytes, int] | None:
+    """The names in the open directory *dir_fd*, now, with their st_ino (read through a new
+    open file, so *dir_fd*'s position stays where it is); None if it is gone."""
     try:
-        return ("ok", call())
-    except OSError as e:
-        return errno.errorcode.get(e.errno or 0, str(e.errno))
-
-
-def outcome(op: Op, root: bytes) -> object:
-    """What *op* did at the mount *root*."""
-    return attempt(functools.partial(op, root))
-
-
-def _at(root: bytes, rel: str) -> bytes:
-    return root + b"/" + rel.encode()
-
-
-def _write(root: bytes, rel: str, flags: int, data: bytes, offset: int | None) -> int:
-    fd = os.open(_at(root, rel), os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC | flags, 0o644)
+        fd = os.open(f"/proc/self/fd/{dir_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
     try:
-        return os.write(fd, data) if offset is None else os.pwrite(fd, data, offset)
+        names = os.listdir(fd)
+        return {os.fsencode(n): os.stat(n, dir_fd=fd, follow_symlinks=False).st_ino
+                for n in names}
+    except OSError:
+        return None
     finally:
         os.close(fd)
 
 
-def _read(root: bytes, rel: str) -> bytes:
-    fd = os.open(_at(root, rel), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    try:
-        chunks = []
-        while chunk := os.read(fd, 1 << 16):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
+def readdir_problems(got: list[bytes], timeline: list[dict[bytes, int] | None]) -> list[str]:
+    """What POSIX forbids in *got*, the names a directory handle gave while the directory went
+    through *timeline* (its names and st_ino after each step): "." and ".." and every name that
+    stayed (same inode all along) exactly once, no name it never had. Nothing is checked once
+    the directory is gone."""
+    if not timeline or any(t is None for t in timeline):
+        return []
+    snaps = [t for t in timeline if t is not None]
+    stayed = {n for n, ino in snaps[0].items() if all(s.get(n) == ino for s in snaps)}
+    ever = set().union(*snaps)
+    problems = [f"{n!r} given {got.count(n)} times" for n in sorted(stayed | {b".", b".."})
+                if got.count(n) != 1]
+    problems += [f"{n!r} given, never there" for n in sorted(set(got) - ever - {b".", b".."})]
+    return problems
 
 
-def _rename2(root: bytes, old: str, new: str, flags: int) -> None:
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        renameat2(fd, old.encode(), fd, new.encode(), flags)
-    finally:
-        os.close(fd)
+@dataclass
+class DirHandle:
+    """A directory held open on both sides, what each side's reads gave, and its history."""
+
+    names: list[list[bytes]]
+    timeline: list[list[dict[bytes, int] | None]]
+
+
+# -- the machine ---------------------------------------------------------------------------------
+
+@dataclass
+class Tally:
+    """Counts across all examples of one run: what the test prints."""
+
+    examples: int = 0
+    rules: int = 0
+    operations: int = 0
+
+
+class Divergence(AssertionError):
+    """A difference between the kernel and the implementation under test."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass
+class Survey:
+    """Survey mode (scripts/fuzz-survey): record each example's first difference instead of
+    failing; the example then runs its remaining rules as no-ops. If *want* is set, a difference
+    of that class fails the example (so hypothesis shrinks it) and others end it quietly."""
+
+    want: str | None = None
+    ignore: frozenset[str] = frozenset()  # Entry fields left out of every tree comparison
+    found: dict[str, list[tuple[str, Script]]] = field(default_factory=dict)  # key -> examples
 
 
 class OverlayPair(RuleBasedStateMachine):
-    """The kernel's overlay and overlayd on identical stacks, driven with the same operations."""
+    """The kernel's overlay and an overlay under test on identical stacks, the same operations."""
 
     root: ClassVar[Path]  # where examples make their directories: set by the test
+    peer: ClassVar[str] = "overlayd"
+    tally: ClassVar[Tally] = Tally()
+    survey: ClassVar[Survey | None] = None
 
     def __init__(self) -> None:
         super().__init__()
@@ -304,9 +405,11 @@ class OverlayPair(RuleBasedStateMachine):
         self.sides: list[Side] = []
         self.since_ns = 0
         self.steps = 0
-        self.failed = False  # a check failed: the teardown only unmounts
-        self.open_fds: dict[int, tuple[int, int]] = {}  # id -> (kernel fd, overlayd fd)
+        self.failed = False  # a check failed: the rest are no-ops, the teardown only unmounts
         self.next_handle = 0
+        self.dirs: dict[int, DirHandle] = {}
+        self.checked_once = False
+        self.script = Script(layers=[], kernel_options=KERNEL_PINNED)
 
     # -- set-up and tear-down ------------------------------------------------------------------
 
@@ -316,14 +419,14 @@ class OverlayPair(RuleBasedStateMachine):
 
     @initialize(target=existing, specs=layer_specs())
     def mount_both(self, specs: list[LayerSpec]) -> MultipleResults[str]:
+        self.tally.examples += 1
         self.since_ns = time.time_ns() - 1_000_000_000
-        kernel = make_side("kernel", self.base / "kernel", specs)
-        ours = make_side("overlayd", self.base / "overlayd", specs)
-        self.mounts.enter_context(kernel_mounted(kernel.mnt,
-                                                 kernel.options() + "," + KERNEL_PINNED))
-        self.sides.append(kernel)
-        self.mounts.enter_context(overlayd_mounted(ours.mnt, ours.options()))
-        self.sides.append(ours)
+        self.script.layers = [layer_statements(level, plan)
+                              for level, plan in enumerate(plan_stack(specs))]
+        for name, mount in (("kernel", kernel_mounter), (self.peer, PEERS[self.peer])):
+            side = make_side(name, self.base / name, self.script.layers, mount)
+            self.mounts.enter_context(side.mount(side.mnt, side.options()))
+            self.sides.append(side)
         shown = self.check_merged("after mounting")
         return multiple(*(os.fsdecode(p) for p, e in shown.items() if p != b"." and not e.error))
 
@@ -331,31 +434,54 @@ class OverlayPair(RuleBasedStateMachine):
         check = len(self.sides) == 2 and not self.failed
         try:
             try:
-                for fd in itertools.chain.from_iterable(self.open_fds.values()):
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                self.open_fds.clear()
+                for side in self.sides:
+                    for fd in [*side.ns["H"].values(), *side.ns["D"].values()]:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
                 final = self.check_merged("at the end") if check else {}
+                inodes = inode_numbers(self.sides[1].mnt) if check and not self.failed else {}
             finally:
                 self.mounts.close()  # both unmounted, whatever happened
-            if check:
+            if check and not self.failed:
                 self.check_uppers(final)
+            if check and not self.failed:
+                self.check_remount(inodes)
         finally:
             if not KEEP and not any(is_mounted(side.mnt) for side in self.sides):
                 shutil.rmtree(self.base, ignore_errors=True)
 
     # -- checks --------------------------------------------------------------------------------
 
-    def fail(self, message: str) -> NoReturn:
+    def fail(self, key: str, message: str) -> None:
+        """A difference of class *key*: fail the example (with the reproducer noted), or in
+        survey mode record it and end the example's checks."""
         self.failed = True
-        raise AssertionError(message)
+        if self.survey is not None:
+            self.survey.found.setdefault(key, []).append((message, self.script))
+            if key != self.survey.want:
+                return
+        # Also on disk at once: a failure that does not replay (flaky) prints no note.
+        saved = self.base.with_name(self.base.name + "-repro.py")
+        saved.write_text(self.script.render())
+        note("Reproducer (save as repro.py; run it with 'kernel' and with "
+             f"'{self.peer}', as root, and diff the outputs):\n\n{self.script.render()}")
+        raise Divergence(key, f"{message}\n\nsteps (the whole reproducer: {saved}):\n"
+                              f"{render_steps(self.script.steps)}")
 
-    def same(self, what: str, op: Op) -> None:
-        """Run *op* on both mounts; the outcomes must be equal."""
+    def same(self, what: str, code: str) -> None:
+        """Run *code* on both mounts; the outcomes must be equal."""
+        if self.failed:
+            return
         self.steps += 1
-        kernel, ours = (outcome(op, os.fsencode(side.mnt)) for side in self.sides)
+        self.tally.operations += 1
+        self.script.add(what, code)
+        kernel, ours = (side.run(code) for side in self.sides)
         if kernel != ours:
-            self.fail(f"{what}: kernel {kernel!r}, overlayd {ours!r}")
+            self.fail(f"{what.split()[0]}: kernel {_kind(kernel)}, {self.peer} {_kind(ours)}",
+                      f"{what}: kernel {_short(kernel)}, {self.peer} {_short(ours)}")
+
+    def diff(self, a: dict[bytes, Entry], b: dict[bytes, Entry]) -> list[str]:
+        return diff_snapshots(a, b, ignore=self.survey.ignore if self.survey else ())
 
     def merged(self, side: Side) -> dict[bytes, Entry]:
         return normalize(snapshot(side.mnt), self.since_ns)
@@ -363,40 +489,79 @@ class OverlayPair(RuleBasedStateMachine):
     def check_merged(self, when: str) -> dict[bytes, Entry]:
         """Compare the merged trees; the kernel's."""
         kernel, ours = (self.merged(side) for side in self.sides)
-        differ = diff_snapshots(kernel, ours)
+        differ = self.diff(kernel, ours)
         if differ:
-            self.fail(f"merged trees differ {when} (a=kernel, b=overlayd):\n" + "\n".join(differ))
+            self.fail(f"merged tree: {_fields(differ)}",
+                      f"merged trees differ {when} (a=kernel, b={self.peer}):\n"
+                      + "\n".join(differ))
         return kernel
 
     def check_uppers(self, final: dict[bytes, Entry]) -> None:
-        ours = self.sides[1]
+        kernel, ours = self.sides
         # On disk, hard links are real in both: only whiteouts and recent times are normalised.
         kernel_upper, our_upper = (whiteouts_unshared(recent_times(snapshot(side.upper),
                                                                    self.since_ns))
                                    for side in self.sides)
-        differ = diff_snapshots(kernel_upper, our_upper)
+        differ = self.diff(kernel_upper, our_upper)
         if differ:
-            self.fail("upper dirs differ (a=kernel, b=overlayd):\n" + "\n".join(differ))
+            self.fail(f"upper on disk: {_fields(differ)}",
+                      f"upper dirs differ (a=kernel, b={self.peer}):\n" + "\n".join(differ))
+            return
         marks = [overlay_marks(side.upper) for side in self.sides]
         if marks[0] != marks[1]:
-            self.fail(f"opaque/redirect marks differ: kernel {marks[0]}, overlayd {marks[1]}")
-        leftovers = os.listdir(ours.work / "work")
+            self.fail("upper on disk: overlay marks",
+                      f"opaque/redirect marks differ: kernel {marks[0]}, {self.peer} {marks[1]}")
+            return
+        leftovers = os.listdir(ours.work / "work") if (ours.work / "work").is_dir() else []
         if leftovers:
-            self.fail(f"overlayd left {leftovers} in its workdir")
-        # DESIGN 5: each upper reads through the other implementation as the merged tree did.
-        kernel = self.sides[0]
-        with kernel_mounted(ours.mnt, ours.options() + "," + KERNEL_PINNED):
+            self.fail("workdir leftovers", f"{self.peer} left {leftovers} in its workdir")
+            return
+        # Each upper reads through the other implementation as the merged tree did.
+        with kernel.mount(ours.mnt, ours.options()):
             view = self.merged(ours)
-        differ = diff_snapshots(final, view)
+        differ = self.diff(final, view)
         if differ:
-            self.fail("overlayd's upper mounted by the kernel (b) differs from the merged tree "
-                      "(a):\n" + "\n".join(differ))
-        with overlayd_mounted(kernel.mnt, kernel.options()):
+            self.fail(f"kernel on {self.peer}'s upper: {_fields(differ)}",
+                      f"{self.peer}'s upper mounted by the kernel (b) differs from the merged "
+                      "tree (a):\n" + "\n".join(differ))
+            return
+        with ours.mount(kernel.mnt, kernel.options()):
             view = self.merged(kernel)
-        differ = diff_snapshots(final, view)
+        differ = self.diff(final, view)
         if differ:
-            self.fail("the kernel's upper mounted by overlayd (b) differs from the merged tree "
-                      "(a):\n" + "\n".join(differ))
+            self.fail(f"{self.peer} on the kernel's upper: {_fields(differ)}",
+                      f"the kernel's upper mounted by {self.peer} (b) differs from the merged "
+                      "tree (a):\n" + "\n".join(differ))
+
+    def check_remount(self, before: dict[bytes, int]) -> None:
+        """Remounted on its own upper, the implementation under test keeps every st_ino."""
+        ours = self.sides[1]
+        lower_links = {st_.st_ino for layer in ours.lowers for st_ in _all_stats(layer)
+                       if not stat.S_ISDIR(st_.st_mode) and st_.st_nlink > 1}
+        with ours.mount(ours.mnt, ours.options()):
+            after = inode_numbers(ours.mnt)
+        differ = [f"{p!r}: st_ino {before.get(p)} then {after.get(p)}"
+                  for p in sorted(before.keys() | after.keys())
+                  if before.get(p) != after.get(p)
+                  and not (self.peer == "overlayd"
+                           and self.lower_link_ino(before, after, p, lower_links))]
+        if differ:
+            self.fail("remount: st_ino", f"{self.peer} remounted on its own upper changed "
+                      "inode numbers:\n" + "\n".join(differ))
+
+    @staticmethod
+    def lower_link_ino(before: dict[bytes, int], after: dict[bytes, int], path: bytes,
+                       lower_links: set[int]) -> bool:
+        """Whether *path* had, in either mount, a synthetic st_ino or a lower hard link's: the
+        names of a lower hard link are numbered by the order they are met, a known gap
+        (test_fuzz_regressions.py); left in, it would end most examples that have one."""
+        return any(numbers.get(path, 0) >= SYNTHETIC_INO_BASE
+                   or numbers.get(path) in lower_links for numbers in (before, after))
+
+    def named(self, handle: int) -> bool | None:
+        """Whether the kernel's open file *handle* still has a name (None: not open)."""
+        fd = self.sides[0].ns["H"].get(handle)
+        return None if fd is None else os.fstat(fd).st_nlink > 0
 
     def in_upper(self, path: str) -> bool:
         """Whether the kernel's upper layer holds *path* (a whiteout does not count)."""
@@ -408,180 +573,297 @@ class OverlayPair(RuleBasedStateMachine):
 
     @invariant()
     def merged_trees_agree(self) -> None:
-        if len(self.sides) == 2 and self.steps % CHECK_EVERY == 0:
+        if len(self.sides) != 2 or self.failed:
+            return
+        if self.checked_once:
+            self.tally.rules += 1  # once after every rule; the first call follows the mounting
+        self.checked_once = True
+        for number, handle in self.dirs.items():
+            for side, timeline in zip(self.sides, handle.timeline, strict=True):
+                timeline.append(listing(side.ns["D"][number]))
+        if self.steps % CHECK_EVERY == 0:
             self.check_merged(f"after step {self.steps}")
 
-    # -- rules ---------------------------------------------------------------------------------
+    # -- rules: by name ------------------------------------------------------------------------
 
     @rule(path=paths, offset=st.sampled_from(OFFSETS), data=st.sampled_from(DATA),
           create=st.booleans(), trunc=st.booleans())
-    def write(self, path: str, offset: int, data: bytes, create: bool, trunc: bool) -> None:
+    def write(self, path: str, offset: int, data: str, create: bool, trunc: bool) -> None:
         flags = (os.O_CREAT if create else 0) | (os.O_TRUNC if trunc else 0)
-        self.same(f"pwrite {path}", lambda r: _write(r, path, flags, data, offset))
+        spelled = open_flags(flags) if flags else "0"
+        self.same(f"pwrite {path}",
+                  f"show(write({path_at('M', path)}, {spelled}, {data}, {offset}))")
 
     @rule(path=paths, data=st.sampled_from(DATA))
-    def append(self, path: str, data: bytes) -> None:
-        self.same(f"append {path}", lambda r: _write(r, path, os.O_APPEND, data, None))
+    def append(self, path: str, data: str) -> None:
+        self.same(f"append {path}", f"show(write({path_at('M', path)}, os.O_APPEND, {data}, None))")
 
     @rule(path=paths, size=st.sampled_from(SIZES))
     def truncate(self, path: str, size: int) -> None:
-        self.same(f"truncate {path}", lambda r: os.truncate(_at(r, path), size))
+        self.same(f"truncate {path}", f"os.truncate({path_at('M', path)}, {size})")
 
     @rule(path=paths, mode=st.sampled_from(MODES))
     def chmod(self, path: str, mode: int) -> None:
-        self.same(f"chmod {path}", lambda r: os.chmod(_at(r, path), mode))
+        self.same(f"chmod {path}", f"os.chmod({path_at('M', path)}, {octal(mode)})")
 
     @rule(path=paths, uid=st.sampled_from(UIDS), gid=st.sampled_from(GIDS), follow=st.booleans())
     def chown(self, path: str, uid: int, gid: int, follow: bool) -> None:
         self.same(f"chown {path}",
-                  lambda r: os.chown(_at(r, path), uid, gid, follow_symlinks=follow))
+                  f"os.chown({path_at('M', path)}, {uid}, {gid}, follow_symlinks={follow})")
 
     @rule(path=paths, times=st.sampled_from(TIMES), follow=st.booleans())
     def utime(self, path: str, times: tuple[int, int] | None, follow: bool) -> None:
+        ns = f", ns={times}" if times is not None else ""
         self.same(f"utime {path}",
-                  lambda r: os.utime(_at(r, path), ns=times, follow_symlinks=follow)
-                  if times is not None else os.utime(_at(r, path), follow_symlinks=follow))
+                  f"os.utime({path_at('M', path)}{ns}, follow_symlinks={follow})")
 
     @rule(path=paths, name=st.sampled_from(XATTR_NAMES), value=st.sampled_from(XATTR_VALUES),
           follow=st.booleans())
     def setxattr(self, path: str, name: str, value: bytes, follow: bool) -> None:
-        self.same(f"setxattr {path}",
-                  lambda r: os.setxattr(_at(r, path), name, value, follow_symlinks=follow))
+        self.same(f"setxattr {path}", f"os.setxattr({path_at('M', path)}, {name!r}, {value!r}, "
+                                      f"follow_symlinks={follow})")
 
     @rule(path=paths, name=st.sampled_from(XATTR_NAMES), value=st.sampled_from(XATTR_VALUES),
-          flags=st.sampled_from(XATTR_FLAGS))
-    def setxattr_flags(self, path: str, name: str, value: bytes, flags: int) -> None:
+          flag=st.sampled_from(("XATTR_CREATE", "XATTR_REPLACE")))
+    def setxattr_flags(self, path: str, name: str, value: bytes, flag: str) -> None:
         # Only on objects already in the upper layer: the kernel copies a lower object up before
-        # it fails XATTR_CREATE/XATTR_REPLACE, overlayd does not (a known bug, see
+        # it fails XATTR_CREATE/XATTR_REPLACE, overlayd does not (a known gap, see
         # test_fuzz_regressions.py); left in, it would end most examples with that difference.
         if not self.in_upper(path):
             return
-        self.same(f"setxattr {path} flags={flags}",
-                  lambda r: os.setxattr(_at(r, path), name, value, flags,
-                                        follow_symlinks=False))
+        self.same(f"setxattr {flag} {path}",
+                  f"os.setxattr({path_at('M', path)}, {name!r}, {value!r}, os.{flag}, "
+                  "follow_symlinks=False)")
 
     @rule(path=paths, name=st.sampled_from(XATTR_NAMES), follow=st.booleans())
     def removexattr(self, path: str, name: str, follow: bool) -> None:
         self.same(f"removexattr {path}",
-                  lambda r: os.removexattr(_at(r, path), name, follow_symlinks=follow))
+                  f"os.removexattr({path_at('M', path)}, {name!r}, follow_symlinks={follow})")
+
+    @rule(path=paths, name=st.sampled_from(XATTR_NAMES))
+    def getxattr(self, path: str, name: str) -> None:
+        self.same(f"getxattr {path}", f"show(os.getxattr({path_at('M', path)}, {name!r}, "
+                                      "follow_symlinks=False))")
 
     @rule(path=paths, mode=st.sampled_from((0o755, 0o700)))
     def mkdir(self, path: str, mode: int) -> None:
-        self.same(f"mkdir {path}", lambda r: os.mkdir(_at(r, path), mode))
+        self.same(f"mkdir {path}", f"os.mkdir({path_at('M', path)}, {octal(mode)})")
 
     @rule(path=paths)
     def rmdir(self, path: str) -> None:
-        self.same(f"rmdir {path}", lambda r: os.rmdir(_at(r, path)))
+        self.same(f"rmdir {path}", f"os.rmdir({path_at('M', path)})")
 
     @rule(path=paths)
     def unlink(self, path: str) -> None:
-        self.same(f"unlink {path}", lambda r: os.unlink(_at(r, path)))
+        self.same(f"unlink {path}", f"os.unlink({path_at('M', path)})")
 
     @rule(old=paths, new=paths, how=st.sampled_from(("rename", "noreplace", "exchange")))
     def rename(self, old: str, new: str, how: str) -> None:
         if how == "rename":
-            self.same(f"rename {old} {new}", lambda r: os.rename(_at(r, old), _at(r, new)))
+            self.same(f"rename {old} {new}",
+                      f"os.rename({path_at('M', old)}, {path_at('M', new)})")
         else:
-            flags = RENAME_NOREPLACE if how == "noreplace" else RENAME_EXCHANGE
-            self.same(f"renameat2 {how} {old} {new}", lambda r: _rename2(r, old, new, flags))
+            flags = {"noreplace": 1, "exchange": 2}[how]  # RENAME_NOREPLACE, RENAME_EXCHANGE
+            self.same(f"renameat2-{how} {old} {new}",
+                      f"rename2(M, {old.encode()!r}, {new.encode()!r}, {flags})")
 
     @rule(src=paths, dst=paths, follow=st.booleans())
     def link(self, src: str, dst: str, follow: bool) -> None:
-        self.same(f"link {src} {dst}",
-                  lambda r: os.link(_at(r, src), _at(r, dst), follow_symlinks=follow))
+        self.same(f"link {src} {dst}", f"os.link({path_at('M', src)}, {path_at('M', dst)}, "
+                                       f"follow_symlinks={follow})")
 
     @rule(path=paths, dest=st.sampled_from(TARGETS))
     def symlink(self, path: str, dest: str) -> None:
-        self.same(f"symlink {path}", lambda r: os.symlink(dest, _at(r, path)))
+        self.same(f"symlink {path}", f"os.symlink({dest.encode()!r}, {path_at('M', path)})")
 
     @rule(path=paths)
     def mkfifo(self, path: str) -> None:
-        self.same(f"mkfifo {path}", lambda r: os.mkfifo(_at(r, path), 0o640))
+        self.same(f"mkfifo {path}", f"os.mkfifo({path_at('M', path)}, 0o640)")
 
     @rule(path=paths)
     def read(self, path: str) -> None:
-        self.same(f"read {path}", lambda r: _read(r, path))
+        self.same(f"read {path}", f"show(read({path_at('M', path)}))")
 
     @rule(path=st.sampled_from(("", *PATHS)))
     def listdir(self, path: str) -> None:
-        self.same(f"listdir {path}",
-                  lambda r: sorted(os.listdir(_at(r, path) if path else r)))
+        self.same(f"listdir {path}", f"show(sorted(os.listdir({path_at('M', path)})))")
 
-    # -- open files: opened for writing, so both copy up at open (the documented difference of
-    # a read-only handle opened before a copy-up never arises) --------------------------------
+    # -- rules: through open files, opened for writing so that both copy up at open (the
+    # documented difference of a read-only handle opened before a copy-up never arises) --------
 
     handles = Bundle("handles")
+
+    def same_open(self, what: str, code: str, table: str, number: int) -> bool:
+        """Run the open in *code* (it stores a descriptor as table[number]) on both sides;
+        whether both opened (else neither holds it)."""
+        self.same(what, code)
+        opened = [number in side.ns[table] for side in self.sides]
+        if all(opened) and not self.failed:
+            return True
+        for side in self.sides:
+            if number in side.ns[table]:
+                os.close(side.ns[table].pop(number))
+        return False
 
     @rule(target=handles, path=paths, trunc=st.booleans(), create=st.booleans())
     def open_rdwr(self, path: str, trunc: bool, create: bool) -> MultipleResults[int]:
         flags = (os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC | (os.O_TRUNC if trunc else 0)
                  | (os.O_CREAT if create else 0))
-        fds = []
-        for side in self.sides:
-            try:
-                fds.append(os.open(side.mnt / path, flags, 0o640))
-            except OSError as e:
-                fds.append(-(e.errno or 1))
-        self.steps += 1
-        if fds[0] >= 0 and fds[1] >= 0:
-            self.next_handle += 1
-            self.open_fds[self.next_handle] = (fds[0], fds[1])
-            return multiple(self.next_handle)
-        for fd in fds:
-            if fd >= 0:
-                os.close(fd)
-        kernel, ours = (errno.errorcode.get(-fd, str(-fd)) if fd < 0 else "ok" for fd in fds)
-        if kernel != ours:
-            self.fail(f"open O_RDWR {path}: kernel {kernel}, overlayd {ours}")
+        self.next_handle += 1
+        number = self.next_handle
+        if self.same_open(f"open fd {number} {path}",
+                          f"H[{number}] = os.open({path_at('M', path)}, {open_flags(flags)}, "
+                          "0o640)", "H", number):
+            return multiple(number)
         return multiple()
 
-    def same_fd(self, what: str, handle: int, op: Callable[[int], object]) -> None:
-        self.steps += 1
-        kernel, ours = (attempt(functools.partial(op, fd)) for fd in self.open_fds[handle])
-        if kernel != ours:
-            self.fail(f"{what}: kernel {kernel!r}, overlayd {ours!r}")
-
     @rule(handle=handles, offset=st.sampled_from(OFFSETS), data=st.sampled_from(DATA))
-    def fd_write(self, handle: int, offset: int, data: bytes) -> None:
-        self.same_fd(f"pwrite fd {handle}", handle, lambda fd: os.pwrite(fd, data, offset))
+    def fd_write(self, handle: int, offset: int, data: str) -> None:
+        self.same(f"pwrite fd {handle}", f"show(os.pwrite(H[{handle}], {data}, {offset}))")
 
     @rule(handle=handles)
     def fd_read(self, handle: int) -> None:
-        self.same_fd(f"pread fd {handle}", handle, lambda fd: os.pread(fd, 1 << 16, 0))
+        self.same(f"pread fd {handle}", f"show(os.pread(H[{handle}], 1 << 18, 0))")
 
     @rule(handle=handles, size=st.sampled_from(SIZES))
     def fd_truncate(self, handle: int, size: int) -> None:
-        self.same_fd(f"ftruncate fd {handle}", handle, lambda fd: os.ftruncate(fd, size))
+        self.same(f"ftruncate fd {handle}", f"os.ftruncate(H[{handle}], {size})")
 
     @rule(handle=handles)
     def fd_stat(self, handle: int) -> None:
-        def fstat(fd: int) -> tuple[int, ...]:
-            st_ = os.fstat(fd)
-            return st_.st_mode, st_.st_nlink, st_.st_uid, st_.st_gid, st_.st_size
+        self.same(f"fstat fd {handle}",
+                  f"s = os.fstat(H[{handle}])\n"
+                  "show((oct(s.st_mode), s.st_nlink, s.st_uid, s.st_gid, s.st_size))")
 
-        self.same_fd(f"fstat fd {handle}", handle, fstat)
+    @rule(handle=handles, call=st.sampled_from((
+        "os.fchmod({fd}, 0o600)", "os.fchmod({fd}, 0o4755)", "os.fchown({fd}, 1000, 100)",
+        "os.utime({fd}, ns=(1, 2))", "os.setxattr({fd}, 'user.k', b'fd')",
+        "os.removexattr({fd}, 'user.k')", "show(sorted(os.listxattr({fd})))", "os.fsync({fd})",
+        "show(os.lseek({fd}, 0, os.SEEK_END))")))
+    def fd_call(self, handle: int, call: str) -> None:
+        # Not the xattr calls once the file has no name: overlayd's miss the open file (a known
+        # bug, test_fuzz_regressions.py); left in, it would end many examples with it.
+        if "xattr" in call and not self.failed and self.sides and self.named(handle) is False:
+            return
+        self.same(f"{call.split('(')[0]} fd {handle}", call.format(fd=f"H[{handle}]"))
 
     @rule(handle=consumes(handles))
     def fd_close(self, handle: int) -> None:
-        fds = self.open_fds.pop(handle)
+        self.same(f"close fd {handle}", f"os.close(H.pop({handle}))")
+
+    # -- rules: a directory read a few entries at a time while it changes ----------------------
+
+    dir_handles = Bundle("dir_handles")
+
+    @rule(target=dir_handles, path=st.sampled_from(("", *PATHS)))
+    def opendir(self, path: str) -> MultipleResults[int]:
+        self.next_handle += 1
+        number = self.next_handle
+        if not self.same_open(f"opendir {number} {path}",
+                              f"D[{number}] = os.open({path_at('M', path)}, "
+                              "os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)", "D", number):
+            return multiple()
+        self.dirs[number] = DirHandle(names=[[] for _ in self.sides], timeline=[
+            [listing(side.ns["D"][number])] for side in self.sides])
+        return multiple(number)
+
+    def same_readdir(self, what: str, code: str, handle: int) -> None:
+        """Run a read of directory *handle* on both: the same success or errno, and the names
+        kept per side for the check at closedir (the order, and whether a name added or removed
+        since opendir shows, may differ)."""
+        if self.failed:
+            return
         self.steps += 1
-        kernel, ours = (attempt(functools.partial(os.close, fd)) for fd in fds)
-        if kernel != ours:
-            self.fail(f"close fd {handle}: kernel {kernel!r}, overlayd {ours!r}")
+        self.tally.operations += 1
+        self.script.add(what, code)
+        outcomes = [side.run(code) for side in self.sides]
+        kinds = [_kind(o) for o in outcomes]
+        if kinds[0] != kinds[1]:
+            self.fail(f"{what.split()[0]}: kernel {kinds[0]}, {self.peer} {kinds[1]}",
+                      f"{what}: kernel {_short(outcomes[0])}, {self.peer} {_short(outcomes[1])}")
+            return
+        for names, out in zip(self.dirs[handle].names, outcomes, strict=True):
+            if isinstance(out, tuple):
+                names.extend(out[1][0])
+
+    @rule(handle=dir_handles)
+    def readdir_some(self, handle: int) -> None:
+        self.same_readdir(f"getdents {handle}", f"show(getdents(D[{handle}], {DIRENT_BUFFER}))",
+                          handle)
+
+    @rule(handle=consumes(dir_handles))
+    def closedir(self, handle: int) -> None:
+        self.same_readdir(f"closedir {handle}",
+                          f"show(getdents_rest(D[{handle}]))\nos.close(D.pop({handle}))", handle)
+        dh = self.dirs.pop(handle)
+        if self.failed:
+            return
+        for side, names, timeline in zip(self.sides, dh.names, dh.timeline, strict=True):
+            problems = readdir_problems(names, timeline)
+            if problems:
+                self.fail(f"readdir while changing: {side.name}",
+                          f"directory {handle} read on {side.name} gave {names}, against POSIX: "
+                          + "; ".join(problems))
+                return
 
 
-SETTINGS = settings(
-    max_examples=EXAMPLES,
-    stateful_step_count=STEPS,
-    deadline=None,
-    derandomize=bool(os.environ.get("CI")),
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
-                           HealthCheck.filter_too_much],
-)
+def _kind(outcome: object) -> str:
+    return "ok" if isinstance(outcome, tuple) else str(outcome)
+
+
+def _short(outcome: object) -> str:
+    text = repr(outcome)
+    return text if len(text) < 300 else text[:300] + "..."
+
+
+def _fields(differ: list[str]) -> str:
+    """The class of a tree difference: which fields differ ("only in a" for missing paths)."""
+    kinds = set()
+    for line in differ:
+        rest = line.split(": ", 1)[1]
+        kinds.add(rest.split(":", 1)[0] if rest.startswith("only in") else rest.split(":")[0])
+    return ",".join(sorted(kinds))
+
+
+# -- sizes and the test ------------------------------------------------------------------------
+
+def fuzz_settings() -> settings:
+    """The loaded profile's sizes for ci and soak, else the quick ones; env overrides."""
+    profile = settings.get_current_profile_name().split("-with-")[0]
+    if profile in ("ci", "soak"):
+        examples, steps = settings.default.max_examples, settings.default.stateful_step_count
+    else:
+        examples, steps = QUICK_EXAMPLES, QUICK_STEPS
+    return settings(
+        max_examples=int(os.environ.get("OVERLAYD_FUZZ_EXAMPLES", examples)),
+        stateful_step_count=int(os.environ.get("OVERLAYD_FUZZ_STEPS", steps)),
+        deadline=None,
+        derandomize=settings.default.derandomize or bool(os.environ.get("CI")),
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                               HealthCheck.filter_too_much],
+    )
+
+
+def machine_for(root: Path, peer: str = "overlayd",
+                survey: Survey | None = None) -> type[OverlayPair]:
+    """A machine class bound to *root*, *peer* and *survey*, with its own tally."""
+    class Machine(OverlayPair):
+        pass
+
+    Machine.root, Machine.peer, Machine.tally, Machine.survey = root, peer, Tally(), survey
+    return Machine
 
 
 def test_kernel_and_overlayd_agree_on_random_operations(tmp_path: Path) -> None:
-    class Machine(OverlayPair):
-        root = tmp_path
-
-    run_state_machine_as_test(Machine, settings=SETTINGS)
+    chosen = fuzz_settings()
+    started = time.monotonic()
+    machine = machine_for(tmp_path)
+    try:
+        run_state_machine_as_test(machine, settings=chosen)
+    finally:
+        tally = machine.tally
+        print(f"fuzz: profile {settings.get_current_profile_name()}, "
+              f"{chosen.max_examples} examples x up to {chosen.stateful_step_count} steps "
+              f"asked; ran {tally.examples} examples, {tally.rules} rules, "
+              f"{tally.operations} operations on both mounts, "
+              f"in {time.monotonic() - started:.0f}s")
