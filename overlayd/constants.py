@@ -51,6 +51,10 @@ SYNTHETIC_INO_BASE = 0xFF << XINO_SHIFT
 
 # The workdir's subdirectory where objects are built before publication (the kernel's name).
 WORK_SUBDIR = b"work"
+# Probes made in work/ at mount time to choose the upper layer's format: whether trusted.*
+# xattrs can be set (else the userxattr format) and whether mknod makes 0/0 whiteouts.
+TRUSTED_PROBE = b"trusted.overlay.overlayd.probe"
+WHITEOUT_PROBE = b"#overlayd.whiteout-probe"  # a leftover is cleaned (copyup.TEMP_PREFIX)
 
 FSNAME = "overlayd"
 FUSE_SUBTYPE = "overlayd"

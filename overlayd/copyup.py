@@ -17,7 +17,7 @@ import stat
 from collections.abc import Callable, Sequence
 
 from overlayd.constants import OPAQUE_VALUE, WORK_SUBDIR
-from overlayd.ondisk import fd_path, xattr_from_disk
+from overlayd.ondisk import ALL_FORMATS, XattrFormat, fd_path, xattr_from_disk
 from overlayd.syscalls import RENAME_NOREPLACE, renameat2
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def _copy_range(src_fd: int, dst_fd: int, start: int, end: int) -> None:
         pos += written
 
 
-def copy_xattrs(src_path: bytes, dst_path: bytes) -> None:
+def copy_xattrs(src_path: bytes, dst_path: bytes, fmt: XattrFormat = ALL_FORMATS) -> None:
     """Copy every xattr but the overlay's private ones, escaped ones included (as the kernel)."""
     try:
         names = os.listxattr(src_path, follow_symlinks=False)
@@ -116,7 +116,7 @@ def copy_xattrs(src_path: bytes, dst_path: bytes) -> None:
             return
         raise
     for name in names:
-        if xattr_from_disk(os.fsencode(name)) is None:
+        if xattr_from_disk(os.fsencode(name), fmt) is None:
             continue
         try:
             value = os.getxattr(src_path, name, follow_symlinks=False)
@@ -128,7 +128,8 @@ def copy_xattrs(src_path: bytes, dst_path: bytes) -> None:
 
 
 def build_copy(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, tmp: bytes,
-               *, data: bool, fsync: bool, xattrs: Sequence[tuple[bytes, bytes]] = ()) -> None:
+               *, data: bool, fsync: bool, xattrs: Sequence[tuple[bytes, bytes]] = (),
+               fmt: XattrFormat = ALL_FORMATS) -> None:
     """Build a copy of the object *name* (stat *st*) as *tmp* in the work directory.
 
     Order matters: owner first (chown clears setuid bits and capabilities), then xattrs (writing
@@ -154,7 +155,7 @@ def build_copy(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, t
         else:  # fifo, socket, device
             os.mknod(tmp, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=work_fd)
         os.chown(tmp, st.st_uid, st.st_gid, dir_fd=work_fd, follow_symlinks=False)
-        copy_xattrs(fd_path(src_dir_fd, name), fd_path(work_fd, tmp))
+        copy_xattrs(fd_path(src_dir_fd, name), fd_path(work_fd, tmp), fmt)
         for xname, value in xattrs:
             os.setxattr(fd_path(work_fd, tmp), xname, value, follow_symlinks=False)
         if not (stat.S_ISDIR(st.st_mode) or stat.S_ISLNK(st.st_mode)):
@@ -170,13 +171,14 @@ def build_copy(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, t
 
 def copy_up(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, dst_dir_fd: int,
             *, data: bool = True, fsync: bool = True,
-            xattrs: Sequence[tuple[bytes, bytes]] = ()) -> None:
+            xattrs: Sequence[tuple[bytes, bytes]] = (), fmt: XattrFormat = ALL_FORMATS) -> None:
     """Copy the lower object *name* into the upper directory *dst_dir_fd*, atomically, adding
     *xattrs* to the copy."""
     tmp = temp_name()
     parent = os.fstat(dst_dir_fd)
     try:
-        build_copy(src_dir_fd, name, st, work_fd, tmp, data=data, fsync=fsync, xattrs=xattrs)
+        build_copy(src_dir_fd, name, st, work_fd, tmp, data=data, fsync=fsync, xattrs=xattrs,
+                   fmt=fmt)
         renameat2(work_fd, tmp, dst_dir_fd, name, RENAME_NOREPLACE)
     except BaseException:
         _discard(work_fd, tmp)

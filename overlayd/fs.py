@@ -91,8 +91,7 @@ class Operations(pyfuse3.Operations):
         attr.attr_timeout = ATTR_TIMEOUT
         attr.st_mode = st.st_mode
         attr.st_nlink = self.overlay.nlink(node, st)
-        attr.st_uid = st.st_uid
-        attr.st_gid = st.st_gid
+        attr.st_uid, attr.st_gid = self.overlay.shown_owner(st)
         attr.st_rdev = st.st_rdev
         attr.st_size = st.st_size
         attr.st_blksize = st.st_blksize
@@ -219,9 +218,9 @@ class Operations(pyfuse3.Operations):
 
     # -- changes ------------------------------------------------------------------------------
 
-    @staticmethod
-    def _owner(ctx: pyfuse3.RequestContext) -> tuple[int, int]:
-        return ctx.uid, ctx.gid
+    def _owner(self, ctx: pyfuse3.RequestContext) -> tuple[int, int]:
+        """The on-disk owner of an object the caller creates (its ids mapped, as chown's)."""
+        return self.overlay.disk_owner(ctx.uid, ctx.gid)
 
     def _new_entry(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         self.overlay.remember(node)

@@ -20,7 +20,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from overlayd.constants import OPAQUE_MARKER, WHITEOUT_PREFIX
-from overlayd.ondisk import dir_marks, fd_path, has_oci_whiteout, is_whiteout
+from overlayd.ondisk import (
+    ALL_FORMATS,
+    XattrFormat,
+    dir_marks,
+    fd_path,
+    has_oci_whiteout,
+    is_whiteout,
+)
 
 DirStack = Sequence[tuple[int, int]]
 
@@ -90,14 +97,15 @@ def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
 
 
 def resolve(dirs: DirStack, name: bytes, roots: Sequence[int] = (),
-            follow: bool = True, listed: Mapping[int, set[bytes]] | None = None) -> Found | None:
+            follow: bool = True, listed: Mapping[int, set[bytes]] | None = None,
+            fmt: XattrFormat = ALL_FORMATS) -> Found | None:
     """Resolve *name* in the merged directory *dirs*; None when the merged view has no such name.
 
     *roots* are the layers' root fds, by layer index, for absolute redirects; with *follow*,
     a directory's redirect xattr says where to continue in the layers below (the kernel's
     redirect_dir, which it follows by default: redirect_always_follow). *listed* (from
     list_merged) names what each layer's directory holds: a layer without the name or its
-    ``.wh.`` whiteout is skipped without a syscall.
+    ``.wh.`` whiteout is skipped without a syscall. *fmt*: the opaque and redirect marks read.
     """
     wh_name = WHITEOUT_PREFIX + name
     if name.startswith(WHITEOUT_PREFIX):
@@ -121,7 +129,7 @@ def resolve(dirs: DirStack, name: bytes, roots: Sequence[int] = (),
             continue
         leaf = parts[-1]
         try:
-            stop, is_dir, st, redirect = _probe(base, leaf)
+            stop, is_dir, st, redirect = _probe(base, leaf, fmt)
             if st is not None and (top is None or is_dir):
                 if top is None:
                     top = st
@@ -169,7 +177,8 @@ def walk_dirs(base: int, parts: tuple[bytes, ...]) -> int | None:
     return fd
 
 
-def _probe(dir_fd: int, name: bytes) -> tuple[bool, bool, os.stat_result | None, bytes | None]:
+def _probe(dir_fd: int, name: bytes, fmt: XattrFormat = ALL_FORMATS
+           ) -> tuple[bool, bool, os.stat_result | None, bytes | None]:
     """Look at *name* in one layer: (stop the search here, is a directory, its stat, its
     redirect)."""
     st = _lstat_at(dir_fd, name)
@@ -179,7 +188,7 @@ def _probe(dir_fd: int, name: bytes) -> tuple[bool, bool, os.stat_result | None,
         return True, False, None, None
     if not stat.S_ISDIR(st.st_mode):
         return False, False, st, None
-    opaque, redirect = dir_marks(fd_path(dir_fd, name))
+    opaque, redirect = dir_marks(fd_path(dir_fd, name), None, fmt)
     # An OCI layer that deleted and re-created a directory holds both NAME and .wh.NAME: the
     # whiteout still hides the layers below (whiteouts apply to lower layers only).
     stop = opaque or has_oci_whiteout(dir_fd, name)

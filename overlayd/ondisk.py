@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from dataclasses import dataclass
 
 from overlayd.constants import (
     ESCAPE,
@@ -20,6 +21,32 @@ from overlayd.constants import (
     PRIVATE_XATTR_PREFIXES,
     REDIRECT_XATTRS,
     WHITEOUT_PREFIX,
+)
+
+
+@dataclass(frozen=True)
+class XattrFormat:
+    """Which private xattrs a mount reads and hides: the opaque and redirect marks it honours,
+    the prefixes never shown through the mount, and those escaped when set through it."""
+
+    opaque: tuple[bytes, ...]
+    redirect: tuple[bytes, ...]
+    private: tuple[bytes, ...]
+    escaped: tuple[bytes, ...]
+
+
+# Every format we know, read on every mount by default: layers written by the kernel (privileged
+# or with userxattr) and by fuse-overlayfs keep their meaning.
+ALL_FORMATS = XattrFormat(OPAQUE_XATTRS, REDIRECT_XATTRS, PRIVATE_XATTR_PREFIXES,
+                          ESCAPED_XATTR_PREFIXES)
+# The kernel's -o userxattr: user.overlay.* is the overlay's namespace and trusted.overlay.* is
+# an ordinary xattr, neither read as a mark nor hidden nor escaped (ovl_xattr, ovl_is_private_xattr
+# with ofs->config.userxattr). fuse-overlayfs's mark stays readable: it is ours to honour.
+USER_FORMAT = XattrFormat(
+    tuple(x for x in OPAQUE_XATTRS if not x.startswith(b"trusted.")),
+    tuple(x for x in REDIRECT_XATTRS if not x.startswith(b"trusted.")),
+    tuple(x for x in PRIVATE_XATTR_PREFIXES if not x.startswith(b"trusted.")),
+    tuple(x for x in ESCAPED_XATTR_PREFIXES if not x.startswith(b"trusted.")),
 )
 
 
@@ -34,25 +61,25 @@ def is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
-def is_private_xattr(name: bytes) -> bool:
-    return name.startswith(PRIVATE_XATTR_PREFIXES)
+def is_private_xattr(name: bytes, fmt: XattrFormat = ALL_FORMATS) -> bool:
+    return name.startswith(fmt.private)
 
 
-def xattr_to_disk(name: bytes) -> bytes | None:
+def xattr_to_disk(name: bytes, fmt: XattrFormat = ALL_FORMATS) -> bytes | None:
     """The on-disk name of the xattr *name* set or read through the mount; None if refused."""
-    if not name.startswith(PRIVATE_XATTR_PREFIXES):
+    if not name.startswith(fmt.private):
         return name
-    for prefix in ESCAPED_XATTR_PREFIXES:
+    for prefix in fmt.escaped:
         if name.startswith(prefix):
             return prefix + ESCAPE + name[len(prefix):]
     return None
 
 
-def xattr_from_disk(name: bytes) -> bytes | None:
+def xattr_from_disk(name: bytes, fmt: XattrFormat = ALL_FORMATS) -> bytes | None:
     """The name the on-disk xattr *name* shows through the mount; None if it is private."""
-    if not name.startswith(PRIVATE_XATTR_PREFIXES):
+    if not name.startswith(fmt.private):
         return name
-    for prefix in ESCAPED_XATTR_PREFIXES:
+    for prefix in fmt.escaped:
         if name.startswith(prefix + ESCAPE):
             return prefix + name[len(prefix) + len(ESCAPE):]
     return None
@@ -83,14 +110,16 @@ def has_oci_whiteout(dir_fd: int, name: bytes) -> bool:
     return True
 
 
-def dir_marks(path: bytes, dir_fd_of_dir: int | None = None) -> tuple[bool, bytes | None]:
+def dir_marks(path: bytes, dir_fd_of_dir: int | None = None,
+              fmt: XattrFormat = ALL_FORMATS) -> tuple[bool, bytes | None]:
     """Whether the directory at *path* (from :func:`fd_path`) is opaque, and its redirect, in
     every format we read, with one listxattr for both.
 
     Opaque: ``trusted.overlay.opaque=y`` (the kernel's), ``user.overlay.opaque=y`` (the kernel's
     with userxattr), ``user.fuseoverlayfs.opaque=y`` (fuse-overlayfs) or a ``.wh..wh..opq``
     entry (OCI). Redirect: ``trusted.overlay.redirect`` or ``user.overlay.redirect``.
-    *dir_fd_of_dir*, when the directory is already open, saves a path lookup.
+    *dir_fd_of_dir*, when the directory is already open, saves a path lookup. *fmt* narrows
+    the xattrs honoured (USER_FORMAT: the kernel's userxattr).
     """
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -102,17 +131,17 @@ def dir_marks(path: bytes, dir_fd_of_dir: int | None = None) -> tuple[bool, byte
     redirect = None
     for xname in names:
         bname = os.fsencode(xname)
-        if bname in OPAQUE_XATTRS or bname in REDIRECT_XATTRS:
+        if bname in fmt.opaque or bname in fmt.redirect:
             try:
                 value = os.getxattr(path, xname, follow_symlinks=False)
             except OSError as e:
                 if e.errno == errno.ENODATA:
                     continue
                 raise
-            if bname in OPAQUE_XATTRS:
+            if bname in fmt.opaque:
                 opaque = opaque or value == OPAQUE_VALUE
             elif value and redirect is None:
-                redirect = value
+                redirect = checked_redirect(value)
     if not opaque:
         try:
             if dir_fd_of_dir is not None:
@@ -125,11 +154,31 @@ def dir_marks(path: bytes, dir_fd_of_dir: int | None = None) -> tuple[bool, byte
     return opaque, redirect
 
 
+def checked_redirect(value: bytes) -> bytes:
+    """*value* if it is a redirect the kernel would follow, else an OSError as the kernel's
+    lookup fails (ovl_get_redirect_xattr: EINVAL; lookup_one_len of "." or "..": EACCES).
+    A redirect is attacker-written in a rootless mount: one that climbed out with ".." or hid a
+    path in a relative name would make the daemon read outside the layers."""
+    if b"\0" in value:
+        raise OSError(errno.EINVAL, "invalid redirect")
+    if value.startswith(b"/"):
+        parts = value[1:].split(b"/")
+        if any(part == b"" for part in parts):
+            raise OSError(errno.EINVAL, "invalid redirect")
+    else:
+        if b"/" in value:
+            raise OSError(errno.EINVAL, "invalid redirect")
+        parts = [value]
+    if any(part in (b".", b"..") for part in parts):
+        raise OSError(errno.EACCES, "redirect names . or ..")
+    return value
+
+
 def is_opaque_dir(path: bytes, dir_fd_of_dir: int | None = None) -> bool:
     """Whether the directory at *path* is opaque (see :func:`dir_marks`)."""
     return dir_marks(path, dir_fd_of_dir)[0]
 
 
-def read_redirect(path: bytes) -> bytes | None:
+def read_redirect(path: bytes, fmt: XattrFormat = ALL_FORMATS) -> bytes | None:
     """The redirect of the directory at *path* (see :func:`dir_marks`)."""
-    return dir_marks(path)[1]
+    return dir_marks(path, None, fmt)[1]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from overlayd.constants import MAX_LAYERS, WORK_SUBDIR
 from overlayd.errors import UsageError
+from overlayd.idmap import IDENTITY, IdMap, parse_mapping
 
 # mount(8) flags that libfuse applies to the mount itself.
 FUSE_MOUNT_FLAGS = frozenset({
@@ -51,7 +52,6 @@ PINNED = {
 REDIRECT_DIR_VALUES = ("follow", "nofollow", "off", "on")
 # Known, but not implemented yet: refused with a clear message rather than ignored.
 NOT_YET = frozenset({
-    "uidmapping", "gidmapping", "squash_to_root", "squash_to_uid", "squash_to_gid", "userxattr",
     "ino32_t", "xattr_permissions",
 })
 
@@ -68,6 +68,16 @@ class MountOptions:
     # redirect_dir: "on" moves merged directories by writing a redirect; "follow" and "off"
     # (the kernel's default with redirect_always_follow) only read them; "nofollow" neither.
     redirect_dir: str = "off"
+    # userxattr: write the kernel's unprivileged format (user.overlay.*) even where trusted.*
+    # could be written; without it the format is chosen at mount time (overlay.Overlay).
+    userxattr: bool = False
+    # fuse-overlayfs's uidmapping=/gidmapping=/squash_to_*: see overlayd.idmap.
+    uidmap: IdMap = IDENTITY
+    gidmap: IdMap = IDENTITY
+
+    @property
+    def squashed(self) -> bool:
+        return self.uidmap.squash is not None or self.gidmap.squash is not None
 
     @property
     def redirect_create(self) -> bool:
@@ -160,7 +170,13 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
     read_only = False
     fsync = True
     static_nlink = False
-    redirect_dir = "off"
+    redirect_dir: str | None = None
+    userxattr = False
+    uid_ranges: tuple[tuple[int, int, int], ...] = ()
+    gid_ranges: tuple[tuple[int, int, int], ...] = ()
+    squash_root = False
+    squash_uid: int | None = None
+    squash_gid: int | None = None
     ignored: list[str] = []
     for text in option_strings:
         for item in _split_options(text):
@@ -202,6 +218,21 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 redirect_dir = value
             elif key == "static_nlink" and not has_value:
                 static_nlink = True
+            elif key == "userxattr" and not has_value:
+                userxattr = True
+            elif key == "uidmapping" and has_value:
+                uid_ranges = parse_mapping(key, value)
+            elif key == "gidmapping" and has_value:
+                gid_ranges = parse_mapping(key, value)
+            elif key == "squash_to_root" and not has_value:
+                squash_root = True
+            elif key in ("squash_to_uid", "squash_to_gid") and has_value:
+                if not (value.isascii() and value.isdigit()) or int(value) > 0xFFFFFFFF:
+                    raise UsageError(f"option {item!r}: takes an id")
+                if key == "squash_to_uid":
+                    squash_uid = int(value)
+                else:
+                    squash_gid = int(value)
             elif (not has_value and key in IGNORED_FLAGS) or key.startswith("x-") or (
                     has_value and key in IGNORED_KEYS):
                 ignored.append(item)
@@ -216,14 +247,26 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 raise UsageError(f"unknown option {item!r}")
     if lowers is None:
         raise UsageError("missing lowerdir= option")
+    if userxattr:
+        # As the kernel (ovl_fs_params_verify): the unprivileged format cannot hold trusted
+        # redirects, so userxattr neither writes nor follows them.
+        if redirect_dir not in (None, "nofollow"):
+            raise UsageError(f"conflicting options: userxattr,redirect_dir={redirect_dir} "
+                             f"(userxattr takes redirect_dir=nofollow)")
+        redirect_dir = "nofollow"
     if upper is not None and work is None:
         raise UsageError("upperdir= needs workdir=")
     if work is not None and upper is None:
         raise UsageError("workdir= needs upperdir=")
     if len(lowers) > MAX_LAYERS:  # the kernel's limit counts lower layers only
         raise UsageError(f"too many layers: {len(lowers)} lower layers (at most {MAX_LAYERS})")
+    # As fuse-overlayfs's find_mapping: squash_to_uid/gid first, then squash_to_root.
+    uidmap = IdMap(uid_ranges, squash_uid if squash_uid is not None else
+                   0 if squash_root else None)
+    gidmap = IdMap(gid_ranges, squash_gid if squash_gid is not None else
+                   0 if squash_root else None)
     return MountOptions(lowers, upper, work, frozenset(fuse), read_only, fsync, static_nlink,
-                        redirect_dir, tuple(ignored))
+                        redirect_dir or "off", userxattr, uidmap, gidmap, tuple(ignored))
 
 
 def _is_within(inner: bytes, outer: bytes) -> bool:

@@ -21,10 +21,13 @@ from overlayd.constants import (
     OPAQUE_XATTRS,
     REDIRECT_XATTRS,
     SYNTHETIC_INO_BASE,
+    TRUSTED_PROBE,
     WHITEOUT_PREFIX,
+    WHITEOUT_PROBE,
     XINO_SHIFT,
 )
 from overlayd.errors import OverlayError, ReadOnly
+from overlayd.idmap import ACL_XATTRS, map_acl
 from overlayd.inodes import ROOT_INODE, InodeTable, Node
 from overlayd.layers import (
     DirCache,
@@ -38,7 +41,10 @@ from overlayd.layers import (
     walk_dirs,
 )
 from overlayd.ondisk import (
+    ALL_FORMATS,
+    USER_FORMAT,
     fd_path,
+    has_oci_whiteout,
     is_whiteout,
     read_redirect,
     xattr_from_disk,
@@ -124,11 +130,52 @@ class Overlay:
                 self.work_fd = copyup.open_workdir(wfd)
             finally:
                 os.close(wfd)
-        # The kernel's format when privileged; user.overlay.* (its userxattr format) otherwise.
-        privileged = os.geteuid() == 0
-        self.opaque_xattr = OPAQUE_XATTRS[0 if privileged else 1]
-        self.redirect_xattr = REDIRECT_XATTRS[0 if privileged else 1]
-        self.ino_xattr = INO_XATTRS[0 if privileged else 1]
+        # The kernel's format (trusted.overlay.*) where it can be written; its unprivileged one
+        # (user.overlay.*, what the kernel reads with -o userxattr) when asked for, when not
+        # root, or when the upper filesystem refuses trusted.* (a user namespace's root).
+        self.userxattr = opts.userxattr or not self._trusted_writable()
+        fmt = 1 if self.userxattr else 0
+        self.opaque_xattr = OPAQUE_XATTRS[fmt]
+        self.redirect_xattr = REDIRECT_XATTRS[fmt]
+        self.ino_xattr = INO_XATTRS[fmt]
+        # The marks read and the xattrs hidden: every format we know, or as the kernel with
+        # userxattr, user.overlay.* only (an unprivileged daemon cannot see trusted.* anyway).
+        self.xattr_format = USER_FORMAT if self.userxattr else ALL_FORMATS
+        self.maps_ids = bool(opts.uidmap.ranges or opts.gidmap.ranges)
+        # Whiteouts are char 0/0 wherever mknod allows it (unprivileged too since Linux 5.8);
+        # .wh.NAME files, which the kernel does not read, only where it is refused.
+        self.whiteout_files = self.work_fd >= 0 and not opts.read_only and not self._can_mknod()
+        if self.work_fd >= 0 and not opts.read_only:
+            # Debug: a failing `mount` prints exactly one line on stderr.
+            log.debug("upper layer format: %s xattrs, %s whiteouts",
+                     "user.overlay.*" if self.userxattr else "trusted.overlay.*",
+                     ".wh. file" if self.whiteout_files else "char 0/0")
+        if self.whiteout_files:
+            log.warning("mknod of a 0/0 whiteout is refused here: writing .wh.NAME whiteout "
+                        "files instead (the kernel's overlayfs will not read them)")
+
+    def _trusted_writable(self) -> bool:
+        """Whether trusted.* xattrs can be written on the upper filesystem: tried on work/."""
+        if self.work_fd < 0 or self.opts.read_only:
+            return os.geteuid() == 0  # nothing is written: the format only names what we read
+        try:
+            os.setxattr(self.work_fd, TRUSTED_PROBE, b"")
+        except OSError:
+            return False
+        with contextlib.suppress(OSError):
+            os.removexattr(self.work_fd, TRUSTED_PROBE)
+        return True
+
+    def _can_mknod(self) -> bool:
+        """Whether a 0/0 whiteout can be made: tried in work/ (cleaned at every mount)."""
+        try:
+            os.mknod(WHITEOUT_PROBE, stat.S_IFCHR, os.makedev(0, 0), dir_fd=self.work_fd)
+        except PermissionError:
+            return False
+        except FileExistsError:
+            pass
+        os.unlink(WHITEOUT_PROBE, dir_fd=self.work_fd)
+        return True
 
     def close(self) -> None:
         for handle in self.handles.values():
@@ -224,7 +271,8 @@ class Overlay:
         return self._node_for(parent, name, found), found.st
 
     def _resolve(self, parent: Node, name: bytes) -> Found | None:
-        return resolve(self.dir_stack(parent), name, self.roots, self.opts.redirect_follow)
+        return resolve(self.dir_stack(parent), name, self.roots, self.opts.redirect_follow,
+                       fmt=self.xattr_format)
 
     def _cached_resolve(self, parent: Node, name: bytes) -> Found | None:
         """_resolve through the directory's cache (see DirCache): a name met before costs one
@@ -245,7 +293,7 @@ class Overlay:
                 found = None
             else:
                 found = resolve(self.dir_stack(parent), name, self.roots,
-                                self.opts.redirect_follow, cache.layer_names)
+                                self.opts.redirect_follow, cache.layer_names, self.xattr_format)
             cache.found[name] = _place(found)
             return found
         if place is None:
@@ -360,7 +408,7 @@ class Overlay:
         return fd_path(self.dir_fd(node.parent, node.top), node.name)
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
-        disk = xattr_to_disk(name)
+        disk = xattr_to_disk(name, self.xattr_format)
         if disk is None:
             raise OverlayError("private xattr", errno.ENODATA)
         # Lower objects never change, and upper ones only through the core, or lose an xattr
@@ -370,7 +418,10 @@ class Overlay:
             names = self._disk_xattrs(node)
         if disk not in names:
             raise OverlayError("no such xattr", errno.ENODATA)
-        return os.getxattr(self.xattr_path(node), disk, follow_symlinks=False)
+        value = os.getxattr(self.xattr_path(node), disk, follow_symlinks=False)
+        if disk in ACL_XATTRS and self.maps_ids:
+            value = map_acl(value, self.opts.uidmap, self.opts.gidmap, to_disk=False)
+        return value
 
     def _disk_xattrs(self, node: Node) -> frozenset[bytes]:
         names = frozenset(os.fsencode(n) for n in
@@ -379,7 +430,7 @@ class Overlay:
         return names
 
     def listxattr(self, node: Node) -> list[bytes]:
-        shown = (xattr_from_disk(n) for n in self._disk_xattrs(node))
+        shown = (xattr_from_disk(n, self.xattr_format) for n in self._disk_xattrs(node))
         return [n for n in shown if n is not None]
 
     def statfs(self) -> os.statvfs_result:
@@ -481,10 +532,12 @@ class Overlay:
         # Record the inode number for later mounts, unless it is this mount's invention or the
         # origin stays visible under other names (a lower hard link).
         keep = node.ino < SYNTHETIC_INO_BASE and (node.is_dir or st.st_nlink == 1)
+        if self.userxattr and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            keep = False  # user.* xattrs exist on files and directories only (EPERM else)
         extra = [(self.ino_xattr, b"%d" % node.ino)] if keep else []
         try:
             copyup.copy_up(src, node.name, st, self.work_fd, dst, data=data,
-                           fsync=self.opts.fsync, xattrs=extra)
+                           fsync=self.opts.fsync, xattrs=extra, fmt=self.xattr_format)
         finally:
             self._changed(parent, node)
             node.xattr_names = None
@@ -510,17 +563,23 @@ class Overlay:
     def _lower_positive(self, parent: Node, name: bytes) -> bool:
         """Whether a lower layer shows *name* in *parent* (removing it then needs a whiteout)."""
         lower = [(i, fd) for i, fd in self.dir_stack(parent) if i != 0]
-        return bool(lower) and resolve(lower, name, self.roots,
-                                       self.opts.redirect_follow) is not None
+        return bool(lower) and resolve(lower, name, self.roots, self.opts.redirect_follow,
+                                       fmt=self.xattr_format) is not None
 
     def _make_whiteout(self, dir_fd: int, name: bytes) -> None:
-        try:
-            os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
-        except PermissionError:
-            # mknod of 0/0 refused (kernels before 5.8 in a user namespace): the OCI format.
-            os.close(os.open(WHITEOUT_PREFIX + name,
-                             os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600,
-                             dir_fd=dir_fd))
+        if not self.whiteout_files:
+            try:
+                os.mknod(name, stat.S_IFCHR, os.makedev(0, 0), dir_fd=dir_fd)
+                return
+            except PermissionError:
+                # Allowed at mount time, refused now (a security module's policy): say so once.
+                self.whiteout_files = True
+                log.warning("mknod of a 0/0 whiteout refused: writing .wh.NAME whiteout files "
+                            "from now on (the kernel's overlayfs will not read them)")
+        # The OCI format, for kernels before 5.8 in a user namespace.
+        os.close(os.open(WHITEOUT_PREFIX + name,
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600,
+                         dir_fd=dir_fd))
 
     def _new_object(self, parent: Node, name: bytes, make: Callable[[int, bytes], None],
                     owner: tuple[int, int] | None, is_dir: bool) -> os.stat_result:
@@ -543,16 +602,23 @@ class Overlay:
             if owner is not None:
                 # A setgid directory hands its group down, as the upper filesystem would.
                 uid, gid = owner[0], pst.st_gid if sgid else owner[1]
-                os.chown(n, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                self._chown(n, uid, gid, dir_fd=dir_fd)
                 if is_dir and sgid:
                     mode = os.stat(n, dir_fd=dir_fd).st_mode
                     os.chmod(n, stat.S_IMODE(mode) | stat.S_ISGID, dir_fd=dir_fd)
 
         existing = _lstat(pfd, name)
         if existing is None:
+            oci_whiteout = has_oci_whiteout(pfd, name)
             build(pfd, name)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(WHITEOUT_PREFIX + name, dir_fd=pfd)  # an OCI whiteout above nothing
+            if oci_whiteout:
+                # Over a .wh. whiteout (ours where mknod is refused, or an OCI layer's): a
+                # directory is opaque, as one made over a char 0/0 whiteout, before the
+                # whiteout goes.
+                if is_dir:
+                    copyup.set_opaque(fd_path(pfd, name), self.opaque_xattr)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(WHITEOUT_PREFIX + name, dir_fd=pfd)
         elif is_whiteout(existing):
             # The kernel's ovl_create_over_whiteout: build in the workdir, exchange with the
             # whiteout, drop the whiteout. A directory made over a whiteout is opaque.
@@ -656,6 +722,12 @@ class Overlay:
                      os.stat(name, dir_fd=pfd, follow_symlinks=False))
         if node.top != 0:
             self._make_whiteout(pfd, name)  # only below: a whiteout is all the upper needs
+        elif lower and self.whiteout_files:
+            # A .wh. file cannot take the object's place: move the object out, then whiteout.
+            tmp = copyup.temp_name()
+            renameat2(pfd, name, self.work_fd, tmp)
+            self._make_whiteout(pfd, name)
+            copyup.remove_tree(self.work_fd, tmp)
         elif lower:
             # The kernel's ovl_remove_and_whiteout: exchange the upper object with a fresh
             # whiteout, then drop the object (for a directory: its leftover whiteouts too).
@@ -746,6 +818,8 @@ class Overlay:
                          os.stat(new_name, dir_fd=npfd, follow_symlinks=False))
         if self._lower_positive(old_parent, old_name):
             try:
+                if self.whiteout_files:
+                    raise OSError(errno.EPERM, "whiteouts are files here")
                 renameat2(opfd, old_name, npfd, new_name, RENAME_WHITEOUT)
             except OSError as e:
                 if e.errno not in (errno.EPERM, errno.EINVAL):
@@ -766,7 +840,7 @@ class Overlay:
         """Before moving the merged directory *node*, record where its lower parts are (the
         kernel's ovl_set_redirect): its name for a move within one directory, else its absolute
         path, built from the names and redirects of its ancestors."""
-        current = read_redirect(self.xattr_path(node))
+        current = read_redirect(self.xattr_path(node), self.xattr_format)
         if current is not None and (samedir or current.startswith(b"/")):
             return  # still says where the lower parts are
         if samedir:
@@ -775,7 +849,8 @@ class Overlay:
             parts: list[bytes] = []
             walker: Node | None = node
             while walker is not None and walker.parent is not None:
-                own = read_redirect(self.xattr_path(walker)) if walker.top == 0 else None
+                own = (read_redirect(self.xattr_path(walker), self.xattr_format)
+                       if walker.top == 0 else None)
                 parts.append(own if own is not None else walker.name)
                 if own is not None and own.startswith(b"/"):
                     break
@@ -794,9 +869,32 @@ class Overlay:
             node.layers = found.layers
             node.locations = dict(found.locations)
 
+    # -- ids (fuse-overlayfs's uidmapping/gidmapping/squash_to_*: overlayd.idmap) ----------------
+
+    def shown_owner(self, st: os.stat_result) -> tuple[int, int]:
+        """The owner *st* (on disk) shows through the mount."""
+        return self.opts.uidmap.shown(st.st_uid), self.opts.gidmap.shown(st.st_gid)
+
+    def disk_owner(self, uid: int, gid: int) -> tuple[int, int]:
+        """The on-disk owner for the ids *uid*, *gid* given to the mount."""
+        return self.opts.uidmap.disk(uid), self.opts.gidmap.disk(gid)
+
+    def _chown(self, target: bytes | int, uid: int, gid: int, dir_fd: int | None = None) -> None:
+        try:
+            if isinstance(target, int):  # the root: its fd (no symlink to follow)
+                os.chown(target, uid, gid)
+            else:
+                os.chown(target, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+        except PermissionError:
+            if not self.opts.squashed:
+                raise
+            # As fuse-overlayfs: with squashed ids, the owner on disk is not what is shown,
+            # and a chown the upper filesystem refuses is no error.
+
     def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None, fh: int | None = None) -> os.stat_result:
+        """Change *node*'s attributes; *uid* and *gid* are shown ids (mapped to disk here)."""
         self.copy_up(node, data=size != 0)
         if node.parent is None:
             path, dir_fd, name = None, self.layers[0].fd, None
@@ -805,8 +903,8 @@ class Overlay:
             path = fd_path(dir_fd, name)
         target: bytes | int = path if path is not None else dir_fd
         if uid is not None or gid is not None:
-            os.chown(target, -1 if uid is None else uid, -1 if gid is None else gid,
-                     follow_symlinks=False)
+            self._chown(target, -1 if uid is None else self.opts.uidmap.disk(uid),
+                        -1 if gid is None else self.opts.gidmap.disk(gid))
         if mode is not None:
             if stat.S_ISLNK(self.stat(node).st_mode):
                 raise OverlayError("chmod of a symlink", errno.EOPNOTSUPP)
@@ -826,19 +924,24 @@ class Overlay:
             st = self.stat(node)
             times = (st.st_atime_ns if atime_ns is None else atime_ns,
                      st.st_mtime_ns if mtime_ns is None else mtime_ns)
-            os.utime(target, ns=times, follow_symlinks=False)
+            if isinstance(target, int):  # the root, by fd: follow_symlinks does not apply
+                os.utime(target, ns=times)
+            else:
+                os.utime(target, ns=times, follow_symlinks=False)
         return self.stat(node)
 
     def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
-        disk = xattr_to_disk(name)
+        disk = xattr_to_disk(name, self.xattr_format)
         if disk is None:
             raise OverlayError("private xattr", errno.EOPNOTSUPP)
+        if disk in ACL_XATTRS and self.maps_ids:
+            value = map_acl(value, self.opts.uidmap, self.opts.gidmap, to_disk=True)
         self.copy_up(node)
         node.xattr_names = None
         os.setxattr(self.xattr_path(node), disk, value, follow_symlinks=False)
 
     def removexattr(self, node: Node, name: bytes) -> None:
-        disk = xattr_to_disk(name)
+        disk = xattr_to_disk(name, self.xattr_format)
         if disk is None:
             raise OverlayError("private xattr", errno.EOPNOTSUPP)
         self.getxattr(node, name)  # ENODATA before any copy-up, as the kernel answers

@@ -117,6 +117,28 @@ setup_fuse_device() {
     return 0
 }
 
+# Packages only some tests need (podman and runc: the mount_program end-to-end test). Installed
+# when apt can, and never fatal: without them those tests skip, saying why.
+OVERLAYD_TEST_DEB_PACKAGES=(podman runc)
+
+setup_optional_test_packages() {
+    local p missing=()
+    for p in "${OVERLAYD_TEST_DEB_PACKAGES[@]}"; do
+        setup_deb_installed "$p" || missing+=("$p")
+    done
+    ((${#missing[@]})) || return 0
+    if ((EUID != 0)) || ! command -v apt-get >/dev/null; then
+        setup_say "not installing ${missing[*]} (needs root and apt): the tests that use them skip"
+        return 0
+    fi
+    setup_say "installing Debian packages for some tests: ${missing[*]}"
+    env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" || {
+        env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+            env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+    } || setup_say "could not install ${missing[*]}: the tests that use them skip"
+    return 0
+}
+
 overlayd_setup() {
     setup_debian_packages || return
     setup_venv || return

@@ -176,7 +176,7 @@ def bad_layers(stack: dict[str, Path], tmp_path: Path, case: str) -> tuple[str, 
     if case == "unknown-option":
         return f"lowerdir={l1},redirectdir=on", ("unknown option", "redirectdir=on")
     if case == "not-supported-yet":
-        return f"lowerdir={l1},uidmapping=0:1000:1", ("uidmapping", "not supported")
+        return f"lowerdir={l1},ino32_t", ("ino32_t", "not supported")
     raise AssertionError(case)
 
 
