@@ -104,24 +104,10 @@ def check_log(text: str) -> None:
 def overlayd_mounted(mountpoint: Path, options: str, *extra: str,
                      check_logs: bool = True) -> Iterator[Daemon]:
     """Run ``overlayd mount -f -o OPTIONS MOUNTPOINT`` and yield once the mount answers."""
-    log_path = mountpoint.parent / f".{mountpoint.name}.overlayd.log"
     argv = overlayd_argv("mount", "-f", *extra, "-o", options, str(mountpoint))
-    with open(log_path, "wb") as logf:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
-    daemon = Daemon(proc, mountpoint, log_path)
-    try:
-        def ready() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"overlayd exited with {proc.returncode}:\n{daemon.log()}")
-            return mount_fstype(mountpoint) == "fuse.overlayd"
-
-        poll(ready, READY_TIMEOUT, f"overlayd at {mountpoint}")
-        os.stat(mountpoint)  # the first access answers
+    with command_mounted(mountpoint, argv, check_logs=check_logs, log_name="overlayd",
+                         what="overlayd") as daemon:
         yield daemon
-    finally:
-        unmount_fuse(mountpoint, proc)
-    if check_logs:
-        check_log(daemon.log())
 
 
 @contextlib.contextmanager
@@ -178,23 +164,24 @@ def fuse_overlayfs_mounted(mountpoint: Path, options: str) -> Iterator[subproces
 
 
 @contextlib.contextmanager
-def command_mounted(mountpoint: Path, argv: list[str], *,
-                    check_logs: bool = True) -> Iterator[Daemon]:
-    """Like overlayd_mounted, for a foreground command line of the test's own (a wrapper script
-    that patches overlayd, then runs its main with ``mount -f ...``): yield once the mount
-    answers, unmount in ``finally``, signalling only the process started here."""
-    log_path = mountpoint.parent / f".{mountpoint.name}.command.log"
+def command_mounted(mountpoint: Path, argv: list[str], *, check_logs: bool = True,
+                    log_name: str = "command", what: str = "") -> Iterator[Daemon]:
+    """Run a foreground overlayd command line (overlayd_mounted's, or a wrapper script of the
+    test's own that patches overlayd, then runs its main with ``mount -f ...``): yield once the
+    mount answers, unmount in ``finally``, signalling only the process started here."""
+    what = what or str(argv[:2])
+    log_path = mountpoint.parent / f".{mountpoint.name}.{log_name}.log"
     with open(log_path, "wb") as logf:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf)
     daemon = Daemon(proc, mountpoint, log_path)
     try:
         def ready() -> bool:
             if proc.poll() is not None:
-                raise RuntimeError(f"{argv[:2]} exited with {proc.returncode}:\n{daemon.log()}")
+                raise RuntimeError(f"{what} exited with {proc.returncode}:\n{daemon.log()}")
             return mount_fstype(mountpoint) == "fuse.overlayd"
 
-        poll(ready, READY_TIMEOUT, f"{argv[:2]} at {mountpoint}")
-        os.stat(mountpoint)
+        poll(ready, READY_TIMEOUT, f"{what} at {mountpoint}")
+        os.stat(mountpoint)  # the first access answers
         yield daemon
     finally:
         unmount_fuse(mountpoint, proc)

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.mounting import FUSERMOUNT, is_mounted, mount_fstype, poll
+from tests.mounting import FUSERMOUNT, mount_fstype, poll, unmount_fuse
 
 TEST_USER = "overlayd-test"
 READY_TIMEOUT = 30.0
@@ -168,19 +168,7 @@ class Rootless:
             poll(ready, READY_TIMEOUT, f"overlayd at {mountpoint}")
             yield UserDaemon(proc, log_path)
         finally:
-            for flag in ("-u", "-uz"):
-                if is_mounted(mountpoint):
-                    subprocess.run([FUSERMOUNT, flag, str(mountpoint)], check=False,
-                                   capture_output=True)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            unmount_fuse(mountpoint, proc)
 
     def unmount(self, mountpoint: Path) -> subprocess.CompletedProcess[str]:
         return self.run([FUSERMOUNT, "-u", str(mountpoint)])
