@@ -142,6 +142,7 @@ class Overlay:
         # userxattr, user.overlay.* only (an unprivileged daemon cannot see trusted.* anyway).
         self.xattr_format = USER_FORMAT if self.userxattr else ALL_FORMATS
         self.maps_ids = bool(opts.uidmap.ranges or opts.gidmap.ranges)
+        self.ids_identity = opts.uidmap.identity and opts.gidmap.identity
         # Whiteouts are char 0/0 wherever mknod allows it (unprivileged too since Linux 5.8);
         # .wh.NAME files, which the kernel does not read, only where it is refused.
         self.whiteout_files = self.work_fd >= 0 and not opts.read_only and not self._can_mknod()
@@ -873,6 +874,8 @@ class Overlay:
 
     def shown_owner(self, st: os.stat_result) -> tuple[int, int]:
         """The owner *st* (on disk) shows through the mount."""
+        if self.ids_identity:  # every reply's attributes come through here: the usual case first
+            return st.st_uid, st.st_gid
         return self.opts.uidmap.shown(st.st_uid), self.opts.gidmap.shown(st.st_gid)
 
     def disk_owner(self, uid: int, gid: int) -> tuple[int, int]:
