@@ -12,19 +12,19 @@ Every error is one line on stderr; bad input exits 2 before anything is mounted.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from overlayd import __version__
 from overlayd.errors import MountError, UsageError
-from overlayd.options import encode_path, shown
+from overlayd.options import encode_path, shown, unescape_mountinfo
 
 USAGE = """\
 usage: overlayd mount [-f] [-d] [--log FILE] -o lowerdir=L1:L2[,upperdir=U,workdir=W] MOUNTPOINT
@@ -33,10 +33,16 @@ usage: overlayd mount [-f] [-d] [--log FILE] -o lowerdir=L1:L2[,upperdir=U,workd
        overlayd mount [-f] [-d] --config FILE
        overlayd umount MOUNTPOINT | --config FILE
        overlayd status [--json]
+       overlayd mount [-f] [-d] --layers-from SPEC [-o OPTIONS] MOUNTPOINT
+       overlayd diff UPPERDIR [--lowerdir L1:L2] | overlayd diff SPEC
+       overlayd export UPPERDIR -o FILE [--gzip] [--mtime EPOCH]
+       overlayd import FILE DIR [--whiteouts auto|kernel|oci]
+       overlayd du [--json] [--bytes] SPEC...
        overlayd --version | --help
 
 Mount the merged view of lower layers (top first) and an optional upper layer, with the kernel
-overlayfs's semantics. Without upperdir the mount is read-only.
+overlayfs's semantics. Without upperdir the mount is read-only. diff, export, import and du work
+on layer directories (overlayd COMMAND --help for each).
 
   -o OPTIONS      comma-separated mount options (may be repeated)
   -f, --foreground  stay in the foreground (default: return once the mount answers)
@@ -45,6 +51,10 @@ overlayfs's semantics. Without upperdir the mount is read-only.
                   reopens it
   --config FILE   take MOUNTPOINT, OPTIONS and LOG from FILE, shell-style KEY=VALUE lines
                   (systemd/README.md); more -o options are added after OPTIONS
+  --layers-from SPEC  take the layers from a container engine's store: overlay2:DIR (Docker's
+                  .../overlay2/<id>), containerd:ROOT/snapshots/N (containerd's overlayfs
+                  snapshotter), or L1:L2 (plain directories, top first); -o adds options,
+                  -o ro mounts a writable layer read-only
   --json          status: print JSON instead of a table
   -h, --help      show this help
   -V, --version   show the version
@@ -61,11 +71,19 @@ class Command:
     log_file: str | None = None
     config: str | None = None
     json: bool = False
+    layers_from: str | None = None
+
+
+# Commands on layer directories: each parses its own arguments.
+LAYER_COMMANDS = {"diff": "overlayd.diff:main_diff", "export": "overlayd.oci:main_export",
+                  "import": "overlayd.oci:main_import", "du": "overlayd.du:main_du"}
 
 
 def parse_argv(argv: Sequence[str]) -> Command:
     cmd = Command("mount")
     args = list(argv)
+    if args and args[0] in LAYER_COMMANDS:
+        return Command(args[0], positionals=args[1:])
     if args and args[0] in ("mount", "umount", "status"):
         cmd.action = args.pop(0)
     i = 0
@@ -85,15 +103,17 @@ def parse_argv(argv: Sequence[str]) -> Command:
             cmd.debug = True
         elif arg == "--json":
             cmd.json = True
-        elif arg in ("-o", "--log", "--config"):
+        elif arg in ("-o", "--log", "--config", "--layers-from"):
             if i >= len(args):
                 raise UsageError(f"{arg} needs a value")
             if arg == "-o":
                 cmd.options.append(args[i])
             elif arg == "--log":
                 cmd.log_file = args[i]
-            else:
+            elif arg == "--config":
                 cmd.config = args[i]
+            else:
+                cmd.layers_from = args[i]
             i += 1
         elif arg.startswith("-o"):
             cmd.options.append(arg[2:])
@@ -101,6 +121,8 @@ def parse_argv(argv: Sequence[str]) -> Command:
             cmd.log_file = arg[len("--log="):]
         elif arg.startswith("--config="):
             cmd.config = arg[len("--config="):]
+        elif arg.startswith("--layers-from="):
+            cmd.layers_from = arg[len("--layers-from="):]
         elif arg.startswith("-") and arg != "-":
             raise UsageError(f"unknown flag {arg!r}")
         else:
@@ -111,6 +133,8 @@ def parse_argv(argv: Sequence[str]) -> Command:
         raise UsageError("--config goes with mount or umount")
     if cmd.action == "status" and (cmd.positionals or cmd.options):
         raise UsageError("status takes no arguments")
+    if cmd.layers_from is not None and cmd.action != "mount":
+        raise UsageError("--layers-from goes with mount")
     return cmd
 
 
@@ -194,6 +218,8 @@ def do_mount(cmd: Command) -> int:
     from overlayd.options import parse_options, validate  # deferred: keeps --help fast
 
     apply_config(cmd)
+    if cmd.layers_from is not None:
+        cmd.options = [layers_from_options(cmd.layers_from, cmd.options), *cmd.options]
     opts = parse_options(cmd.options)
     mountpoint = _mountpoint(cmd)
     if mountpoint is not None:
@@ -212,6 +238,22 @@ def do_mount(cmd: Command) -> int:
     if cmd.foreground:
         return daemon.run_foreground(opts, mountpoint, cmd.debug, cmd.log_file)
     return daemon.run_daemon(opts, mountpoint, cmd.debug, cmd.log_file)
+
+
+def layers_from_options(spec: str, options: list[str]) -> str:
+    """The -o options that mount the stack *spec* names (overlayd.stores). The stack gives the
+    layers: -o may add any other option, and ``ro`` mounts a writable layer read-only."""
+    from overlayd.options import option_keys
+    from overlayd.stores import resolve_stack
+
+    keys = option_keys(options)
+    if {"lowerdir", "upperdir", "workdir"} & set(keys):
+        raise UsageError(f"--layers-from {spec} gives the layers: no lowerdir, upperdir or "
+                         f"workdir in -o")
+    stack = resolve_stack(spec)
+    if [k for k in keys if k in ("ro", "rw")][-1:] == ["ro"]:
+        stack = stack.read_only()
+    return stack.mount_options()
 
 
 def _refuse_overlayd_mount(mountpoint: bytes, real: bytes) -> None:
@@ -234,18 +276,13 @@ def _check_log_file(path: str) -> None:
     os.close(fd)
 
 
-def _unescape_mountinfo(field: bytes) -> bytes:
-    # The kernel escapes space, tab, newline and backslash as \NNN (octal).
-    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
-
-
 def mounts() -> list[tuple[bytes, str]]:
     """(mountpoint, fstype) of every mount, bottom first, from /proc/self/mountinfo."""
     found = []
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
-            found.append((_unescape_mountinfo(fields[4]),
+            found.append((unescape_mountinfo(fields[4]),
                           os.fsdecode(fields[fields.index(b"-") + 1])))
     return found
 
@@ -401,6 +438,13 @@ def do_status(cmd: Command) -> int:
     return 0
 
 
+def run_layer_command(action: str, argv: list[str]) -> int:
+    # Deferred import: each command loads only its own module.
+    module, _, function = LAYER_COMMANDS[action].partition(":")
+    command: Callable[[list[str]], int] = getattr(importlib.import_module(module), function)
+    return command(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cmd = parse_argv(sys.argv[1:] if argv is None else argv)
@@ -414,6 +458,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return do_umount(cmd)
         if cmd.action == "status":
             return do_status(cmd)
+        if cmd.action in LAYER_COMMANDS:
+            return run_layer_command(cmd.action, cmd.positionals)
         return do_mount(cmd)
     except UsageError as e:
         print(f"overlayd: {e}", file=sys.stderr)

@@ -9,6 +9,7 @@ fuse-overlayfs's own options); ignore empty items.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -139,6 +140,12 @@ def _split_options(text: str) -> list[str]:
         raise UsageError(f"trailing backslash in options {text!r}")
     items.append("".join(cur))
     return items
+
+
+def option_keys(option_strings: Iterable[str]) -> list[str]:
+    """The keys of the ``-o`` items, in order, empty items left out."""
+    return [item.partition("=")[0] for text in option_strings
+            for item in _split_options(text) if item]
 
 
 def _unescape(value: str) -> str:
@@ -323,6 +330,50 @@ def _check_workdir(workdir: bytes) -> None:
                          f"(left by another user's mount? remove it)")
 
 
+def unescape_mountinfo(field: bytes) -> bytes:
+    """A /proc/self/mountinfo field as it was: the kernel escapes space, tab, newline and
+    backslash (and, in options, ',' and '=') as \\NNN (octal)."""
+    return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
+
+
+def kernel_overlay_dirs(mountinfo: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """(mountpoint, option, directory) of every upperdir= and workdir= of the kernel's overlay
+    mounts listed in *mountinfo* (the text of /proc/self/mountinfo)."""
+    found = []
+    for line in mountinfo.splitlines():
+        fields = line.split()
+        try:
+            sep = fields.index(b"-")
+            fstype, super_options = fields[sep + 1], fields[sep + 3]
+        except (ValueError, IndexError):
+            continue
+        if fstype != b"overlay":
+            continue
+        for item in super_options.split(b","):
+            key, _, value = item.partition(b"=")
+            if key in (b"upperdir", b"workdir") and value:
+                found.append((unescape_mountinfo(fields[4]), key, unescape_mountinfo(value)))
+    return found
+
+
+def _check_not_kernel_upper(upper_real: bytes, work_real: bytes) -> None:
+    """Refuse an upper or work directory that a kernel overlay mount is using: a running
+    container's layer (Docker's overlay2 <id>/diff, a containerd active snapshot). Two mounts
+    changing one upper layer corrupt it (overlayfs.rst, "Changes to underlying filesystems");
+    the kernel itself refuses a second mount of it with EBUSY when it can tell (index=on)."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            mountinfo = f.read()
+    except OSError:
+        return
+    for point, key, path in kernel_overlay_dirs(mountinfo):
+        if os.path.realpath(path) in (upper_real, work_real):
+            mine = "upperdir" if os.path.realpath(path) == upper_real else "workdir"
+            raise UsageError(f"{mine} {shown(path)} is the {key.decode()} of the kernel overlay "
+                             f"mounted at {shown(point)} (a running container?): two mounts "
+                             f"on one upper layer corrupt it")
+
+
 def validate(opts: MountOptions, mountpoint: bytes | None) -> None:
     """Refuse, before anything is mounted, every combination that cannot work."""
     if mountpoint is None:
@@ -350,6 +401,7 @@ def validate(opts: MountOptions, mountpoint: bytes | None) -> None:
                     raise UsageError(f"{name} overlaps lowerdir {shown(lower)}")
         # Even a read-only mount builds its work/ (and cleans it): the workdir must be usable.
         _check_workdir(opts.workdir)
+        _check_not_kernel_upper(upper_real, work_real)
         layers += [("upperdir", opts.upperdir), ("workdir", opts.workdir)]
     for what, path in layers:
         real = os.path.realpath(path)
