@@ -37,7 +37,7 @@ usage: overlayd mount [-f] [-d] [--log FILE] -o lowerdir=L1:L2[,upperdir=U,workd
        overlayd diff UPPERDIR [--lowerdir L1:L2] | overlayd diff SPEC
        overlayd export UPPERDIR -o FILE [--gzip] [--mtime EPOCH]
        overlayd import FILE DIR [--whiteouts auto|kernel|oci]
-       overlayd du [--json] [--bytes] SPEC...
+       overlayd du [--json] [--bytes] [--no-hash] SPEC...
        overlayd --version | --help
 
 Mount the merged view of lower layers (top first) and an optional upper layer, with the kernel
@@ -469,6 +469,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `overlayd diff ... | head`: the reader left. Exit as a tool killed by SIGPIPE does,
+        # without a message, and without Python's complaint at the final flush.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13
     except OSError as e:
         print(f"overlayd: {e}", file=sys.stderr)
         return 1
