@@ -119,7 +119,7 @@ setup_fuse_device() {
 
 # Packages only some tests need (podman and runc: the mount_program end-to-end test). Installed
 # when apt can, and never fatal: without them those tests skip, saying why.
-OVERLAYD_TEST_DEB_PACKAGES=(podman runc)
+OVERLAYD_TEST_DEB_PACKAGES=(podman runc containerd)
 
 setup_optional_test_packages() {
     local p missing=()

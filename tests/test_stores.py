@@ -230,3 +230,26 @@ def test_running_container_layer_is_refused(tmp_path: Path,
                              "-o", "ro", str(ours))
         with command_mounted(ours, argv):
             assert (ours / "etc/motd").read_bytes() == b"container\n"
+
+
+@needs_fuse
+@pytest.mark.mounted
+def test_layers_from_containerd_reads_the_chain_from_metadata_db(tmp_path: Path) -> None:
+    from tests.test_containerd import STANDARD, fake_root
+
+    root = Path(os.fsdecode(fake_root(tmp_path, STANDARD)))
+    for n in range(1, 10):
+        (root / f"snapshots/{n}/fs").mkdir(parents=True)
+        (root / f"snapshots/{n}/work").mkdir()
+        (root / f"snapshots/{n}/fs/from-{n}").write_bytes(b"%d" % n)
+    (root / "snapshots/2/fs/.wh.from-1").touch()  # layer 2 deleted layer 1's file
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    # Snapshot 4 is active on 3 <- 2 <- 1: writable, its fs/ the upper layer.
+    argv = overlayd_argv("mount", "-f", "--layers-from", f"containerd:{root}/snapshots/4",
+                         str(mnt))
+    with command_mounted(mnt, argv):
+        assert sorted(os.listdir(mnt)) == ["from-2", "from-3", "from-4"]
+        (mnt / "from-3").write_bytes(b"changed")
+        assert (root / "snapshots/4/fs/from-3").read_bytes() == b"changed"
+        assert (root / "snapshots/3/fs/from-3").read_bytes() == b"3"
