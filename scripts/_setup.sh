@@ -117,7 +117,8 @@ setup_fuse_device() {
     return 0
 }
 
-# Packages only some tests need (podman and runc: the mount_program end-to-end test). Installed
+# Packages only some tests need (podman and runc: the mount_program end-to-end test; containerd:
+# the snapshotter chain checked against a real containerd). Installed
 # when apt can, and never fatal: without them those tests skip, saying why.
 OVERLAYD_TEST_DEB_PACKAGES=(podman runc containerd)
 
