@@ -20,7 +20,6 @@ order: parents first, names in byte order (moby's order varies from run to run).
 
 from __future__ import annotations
 
-import argparse
 import errno
 import os
 import stat
@@ -28,7 +27,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from overlayd.errors import UsageError
+from overlayd.errors import CommandParser, UsageError
 from overlayd.layers import DirStack, Found, list_merged, open_dir_at, resolve
 from overlayd.layertree import Entry, Kind, Stack, descend, entries
 from overlayd.ondisk import fd_path
@@ -155,7 +154,7 @@ def changes(upper: bytes, lowers: Sequence[bytes]) -> Iterator[Change]:
 
 
 def main_diff(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = CommandParser(
         prog="overlayd diff",
         description="List what a layer changed, in docker diff's format: A (added), "
                     "C (changed), D (deleted), one path per line.")

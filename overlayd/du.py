@@ -18,7 +18,6 @@ same image unpacked by two engines). Only files whose size occurs in two stacks 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -30,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from overlayd.constants import OPAQUE_MARKER
-from overlayd.errors import UsageError
+from overlayd.errors import CommandParser, UsageError
 from overlayd.layers import DirStack, list_merged, open_dir_at, resolve, walk_dirs
 from overlayd.layertree import Kind, Stack, descend, entries
 from overlayd.ondisk import fd_path
@@ -445,8 +444,8 @@ def report_json(report: Report) -> dict[str, Any]:
     return data
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def _parser() -> CommandParser:
+    parser = CommandParser(
         prog="overlayd du",
         description="Disk usage of layer stacks: per layer and per stack, what the merged view "
                     "shows and what it hides, and what the stacks share by inode and by "

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
+from typing import NoReturn
 
 
 class OverlayError(Exception):
@@ -29,3 +31,12 @@ class UsageError(Exception):
 class MountError(Exception):
     """A mount that cannot be made (its layers in use, libfuse refusing it, ...): reported as
     one line, exit status 1."""
+
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse for the layer commands, its errors one line like every other usage error
+    (``overlayd: export: MESSAGE``, exit status 2) instead of a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("overlayd ")
+        raise UsageError(f"{command}: {message} (overlayd {command} --help)")
