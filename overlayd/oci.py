@@ -49,6 +49,7 @@ from overlayd.ondisk import (
     is_whiteout,
     xattr_to_disk,
 )
+from overlayd.stores import CONTAINERD, OVERLAY2, resolve_stack
 
 Warn = Callable[[str], None]
 
@@ -924,7 +925,9 @@ def main_export(argv: list[str]) -> int:
         "Write the changes a layer directory holds (an upper dir) as an OCI image-layer "
         "tarball: whiteouts as .wh.NAME, opaque directories as DIR/.wh..wh..opq, numeric "
         "owners, modes, xattrs and hard links kept, entries sorted."))
-    p.add_argument("layer", metavar="UPPERDIR")
+    p.add_argument("layer", metavar="UPPERDIR|SPEC",
+                   help="the layer directory, or overlay2:DIR or containerd:ROOT/snapshots/N "
+                        "(that stack's top layer)")
     p.add_argument("-o", "--output", required=True, metavar="FILE",
                    help="the tarball to write ('-': standard output)")
     p.add_argument("--gzip", action="store_true", help="gzip it (reproducibly: no name, mtime 0)")
@@ -937,7 +940,10 @@ def main_export(argv: list[str]) -> int:
         clamp = _clamp_from(args.mtime, "--mtime")
     else:
         clamp = _clamp_from(os.environ.get("SOURCE_DATE_EPOCH"), "SOURCE_DATE_EPOCH")
-    layer = os.fsencode(args.layer)
+    if args.layer.startswith((OVERLAY2, CONTAINERD)):
+        layer = resolve_stack(args.layer).layers[0]
+    else:
+        layer = os.fsencode(args.layer)
     if not os.path.isdir(layer):
         raise UsageError(f"{shown(layer)}: no such directory")
     fmt = USER_FORMAT if args.userxattr else ALL_FORMATS

@@ -851,3 +851,14 @@ def test_kernel_round_trip_oci_format_through_overlayd(tmp_path: Path) -> None:
         actual, actual_x = snapshot(got), all_xattrs(got)
     assert diff_snapshots(expected, actual) == []
     assert actual_x == expected_x
+
+
+def test_export_takes_a_store_spec(tmp_path: Path) -> None:
+    from tests.test_stores import make_overlay2
+
+    layers = make_overlay2(tmp_path / "overlay2")
+    by_spec, by_dir = tmp_path / "spec.tar", tmp_path / "dir.tar"
+    main_export([f"overlay2:{layers['ctr']}", "--mtime", "0", "-o", os.fspath(by_spec)])
+    main_export([os.fspath(layers["ctr"] / "diff"), "--mtime", "0", "-o", os.fspath(by_dir)])
+    assert by_spec.read_bytes() == by_dir.read_bytes()
+    assert "etc/motd" in [m.name for m in members(by_spec.read_bytes())]
