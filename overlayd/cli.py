@@ -35,7 +35,7 @@ usage: overlayd mount [-f] [-d] [--log FILE] -o lowerdir=L1:L2[,upperdir=U,workd
        overlayd status [--json]
        overlayd mount [-f] [-d] --layers-from SPEC [-o OPTIONS] MOUNTPOINT
        overlayd diff UPPERDIR [--lowerdir L1:L2] | overlayd diff SPEC
-       overlayd export UPPERDIR -o FILE|- [--gzip] [--mtime EPOCH] [--userxattr]
+       overlayd export UPPERDIR|SPEC -o FILE|- [--gzip] [--mtime EPOCH] [--userxattr]
        overlayd import FILE|- DIR [--whiteouts auto|kernel|oci] [--userxattr] [--merge]
        overlayd du [--json] [--bytes] [--no-hash] SPEC...
        overlayd --version | --help
