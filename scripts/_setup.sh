@@ -118,9 +118,10 @@ setup_fuse_device() {
 }
 
 # Packages only some tests need (podman and runc: the mount_program end-to-end test; containerd:
-# the snapshotter chain checked against a real containerd). Installed
+# the snapshotter chain checked against a real containerd; docker.io and busybox-static: the
+# container-layer tools checked against a private dockerd, tests/test_docker.py). Installed
 # when apt can, and never fatal: without them those tests skip, saying why.
-OVERLAYD_TEST_DEB_PACKAGES=(podman runc containerd)
+OVERLAYD_TEST_DEB_PACKAGES=(podman runc containerd docker.io busybox-static)
 
 setup_optional_test_packages() {
     local p missing=()
