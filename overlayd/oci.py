@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from overlayd.constants import OPAQUE_MARKER, OPAQUE_VALUE, WHITEOUT_PREFIX
+from overlayd.copyup import remove_tree
 from overlayd.errors import CommandParser, UsageError
 from overlayd.layers import open_dir_at
 from overlayd.layertree import Kind, shown_xattrs, walk
@@ -437,20 +438,10 @@ def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
 
 
 def _remove_at(dir_fd: int, name: bytes) -> None:
-    """Remove *name* from *dir_fd*, a directory with everything in it; never follows a symlink."""
-    st = _lstat(dir_fd, name)
-    if st is None:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dir_fd)
-        return
-    fd = open_dir_at(dir_fd, name)
-    try:
-        for child in os.listdir(fd):
-            _remove_at(fd, os.fsencode(child))
-    finally:
-        os.close(fd)
-    os.rmdir(name, dir_fd=dir_fd)
+    """Remove *name* from *dir_fd*, a directory with everything in it, if it is there; never
+    follows a symlink."""
+    with contextlib.suppress(FileNotFoundError):
+        remove_tree(dir_fd, name)
 
 
 def _xattrs_of(member: tarfile.TarInfo) -> dict[bytes, bytes]:

@@ -796,18 +796,22 @@ def kernel_view(mountpoint: Path, layers: list[Path]) -> Iterator[Path]:
         yield mountpoint
 
 
+def changed_by_kernel(tmp_path: Path) -> tuple[list[Path], Path]:
+    """Lower layers, and the upper layer the kernel's overlay wrote while they were changed."""
+    lowers = build_lowers(tmp_path / "lowers")
+    upper, work, mnt = tmp_path / "upper", tmp_path / "work", tmp_path / "mnt"
+    for d in (upper, work, mnt):
+        d.mkdir()
+    with kernel_mounted(mnt, overlay_options(lowers, upper, work) + "," + KERNEL_PINNED):
+        change_through_kernel_mount(mnt)
+    return lowers, upper
+
+
 @pytest.mark.kernel
 @needs_root
 @needs_kernel_overlay
 def test_kernel_round_trip(tmp_path: Path) -> None:
-    lowers = build_lowers(tmp_path / "lowers")
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir()
-    work.mkdir()
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with kernel_mounted(mnt, overlay_options(lowers, upper, work) + "," + KERNEL_PINNED):
-        change_through_kernel_mount(mnt)
+    lowers, upper = changed_by_kernel(tmp_path)
     data = export_bytes(upper)
     names = [m.name for m in members(data)]
     assert "etc/.wh.hosts" in names
@@ -832,14 +836,7 @@ def test_kernel_round_trip(tmp_path: Path) -> None:
 @needs_fuse
 def test_kernel_round_trip_oci_format_through_overlayd(tmp_path: Path) -> None:
     """The kernel does not read .wh. files: the OCI-format import is stacked by overlayd."""
-    lowers = build_lowers(tmp_path / "lowers")
-    upper, work = tmp_path / "upper", tmp_path / "work"
-    upper.mkdir()
-    work.mkdir()
-    mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    with kernel_mounted(mnt, overlay_options(lowers, upper, work) + "," + KERNEL_PINNED):
-        change_through_kernel_mount(mnt)
+    lowers, upper = changed_by_kernel(tmp_path)
     imported = tmp_path / "imported"
     import_bytes(export_bytes(upper), imported, whiteouts="oci")
     assert (imported / "etc" / ".wh.hosts").is_file()
