@@ -14,6 +14,7 @@ import os
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from overlayd import copyup
 from overlayd.constants import (
@@ -57,6 +58,8 @@ log = logging.getLogger(__name__)
 
 # Layers a directory must span for a lookup in it to list it whole rather than probe each layer.
 LIST_TO_LOOK_UP = 8
+
+T = TypeVar("T")
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
@@ -408,6 +411,22 @@ class Overlay:
             return fd_path(self.layers[node.top].fd)
         return fd_path(self.dir_fd(node.parent, node.top), node.name)
 
+    def _xattr_target(self, node: Node) -> bytes | int:
+        """Where the node's xattrs are: its path, or, once no name leads to it, an open handle
+        on it (the kernel acts on the open inode). Used by _xattr_call."""
+        if node.unlinked:
+            for handle in self.handles.values():
+                if handle.node is node:
+                    return handle.fd
+            raise OverlayError("no name leads to it", errno.ENOENT)
+        return self.xattr_path(node)
+
+    def _xattr_call(self, call: Callable[..., T], node: Node, *args: object) -> T:
+        target = self._xattr_target(node)
+        if isinstance(target, int):
+            return call(target, *args)  # an fd: follow_symlinks does not apply
+        return call(target, *args, follow_symlinks=False)
+
     def getxattr(self, node: Node, name: bytes) -> bytes:
         disk = xattr_to_disk(name, self.xattr_format)
         if disk is None:
@@ -419,14 +438,13 @@ class Overlay:
             names = self._disk_xattrs(node)
         if disk not in names:
             raise OverlayError("no such xattr", errno.ENODATA)
-        value = os.getxattr(self.xattr_path(node), disk, follow_symlinks=False)
+        value = self._xattr_call(os.getxattr, node, disk)
         if disk in ACL_XATTRS and self.maps_ids:
             value = map_acl(value, self.opts.uidmap, self.opts.gidmap, to_disk=False)
         return value
 
     def _disk_xattrs(self, node: Node) -> frozenset[bytes]:
-        names = frozenset(os.fsencode(n) for n in
-                          os.listxattr(self.xattr_path(node), follow_symlinks=False))
+        names = frozenset(os.fsencode(n) for n in self._xattr_call(os.listxattr, node))
         node.xattr_names = names
         return names
 
@@ -549,6 +567,18 @@ class Overlay:
         # (merged), a lower hard link's its own, the ctime the copy's.
         self.stale_attrs.append(node.ino)
         log.debug("copied up %r", node)
+
+    def _copy_up_named(self, node: Node) -> None:
+        """copy_up for a change made through an inode: one that no name leads to any more
+        cannot be copied up (its name may hold another object by now)."""
+        if node.unlinked:
+            self._need_writable()
+            if node.top != 0:
+                # The kernel tries the copy-up and its rename meets the whiteout now at the
+                # name: EEXIST (seen on 6.18).
+                raise OverlayError("a lower file no name leads to", errno.EEXIST)
+            return
+        self.copy_up(node)
 
     def _at(self, parent: Node, name: bytes, *, locate: bool = True) -> Node:
         """The node named *name* in *parent*; with *locate*, located by that name (a hard-linked
@@ -939,18 +969,18 @@ class Overlay:
             raise OverlayError("private xattr", errno.EOPNOTSUPP)
         if disk in ACL_XATTRS and self.maps_ids:
             value = map_acl(value, self.opts.uidmap, self.opts.gidmap, to_disk=True)
-        self.copy_up(node)
+        self._copy_up_named(node)
         node.xattr_names = None
-        os.setxattr(self.xattr_path(node), disk, value, follow_symlinks=False)
+        self._xattr_call(os.setxattr, node, disk, value)
 
     def removexattr(self, node: Node, name: bytes) -> None:
         disk = xattr_to_disk(name, self.xattr_format)
         if disk is None:
             raise OverlayError("private xattr", errno.EOPNOTSUPP)
         self.getxattr(node, name)  # ENODATA before any copy-up, as the kernel answers
-        self.copy_up(node)
+        self._copy_up_named(node)
         node.xattr_names = None
-        os.removexattr(self.xattr_path(node), disk, follow_symlinks=False)
+        self._xattr_call(os.removexattr, node, disk)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         return os.pwrite(self.handle(fh).fd, data, offset)
