@@ -175,6 +175,20 @@ class Rootless:
 
 
 @contextlib.contextmanager
+def dev_fuse_mode(mode: int) -> Iterator[None]:
+    """/dev/fuse with the permission bits *mode* for the with block (root only), then as it
+    was: to let every user open it (unprivileged mounts), or none but root."""
+    before = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
+    try:
+        if before != mode:
+            os.chmod("/dev/fuse", mode)
+        yield
+    finally:
+        if stat.S_IMODE(os.stat("/dev/fuse").st_mode) != before:
+            os.chmod("/dev/fuse", before)
+
+
+@contextlib.contextmanager
 def rootless() -> Iterator[Rootless]:
     """Set up the user, the readable copy of the code and /dev/fuse; undo all but the user."""
     user = ensure_user()
@@ -183,18 +197,16 @@ def rootless() -> Iterator[Rootless]:
     base = Path(tempfile.mkdtemp(prefix="overlayd-rootless-"))
     fuse_mode = stat.S_IMODE(os.stat("/dev/fuse").st_mode)
     try:
-        _copy_modules(base / "py")
-        _open_up(base)
-        (base / "home").mkdir()
-        os.chown(base / "home", user.pw_uid, user.pw_gid)
-        if fuse_mode & 0o006 != 0o006:
-            os.chmod("/dev/fuse", 0o666)
-        env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": str(base / "py"),
-               "HOME": str(base / "home"), "PYTHONDONTWRITEBYTECODE": "1", "LANG": "C.UTF-8"}
-        yield Rootless(user.pw_uid, user.pw_gid, python, base, env)
+        with dev_fuse_mode(fuse_mode | 0o666):
+            _copy_modules(base / "py")
+            _open_up(base)
+            (base / "home").mkdir()
+            os.chown(base / "home", user.pw_uid, user.pw_gid)
+            env = {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "PYTHONPATH": str(base / "py"),
+                   "HOME": str(base / "home"), "PYTHONDONTWRITEBYTECODE": "1",
+                   "LANG": "C.UTF-8"}
+            yield Rootless(user.pw_uid, user.pw_gid, python, base, env)
     finally:
-        if stat.S_IMODE(os.stat("/dev/fuse").st_mode) != fuse_mode:
-            os.chmod("/dev/fuse", fuse_mode)
         with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
             left = [line.split()[4] for line in f if str(base) in line]
         if not left:

@@ -40,6 +40,8 @@ from tests.mounting import (
     poll,
     processes_mentioning,
 )
+from tests.rootless import dev_fuse_mode, rootless
+from tests.rootless import why_not as rootless_why_not
 
 pytestmark = [pytest.mark.mounted]
 
@@ -438,9 +440,14 @@ def nobody_may_open_dev_fuse() -> bool:
 def test_user_mount_refused_by_libfuse_is_one_line(public_stack: dict[str, Path]) -> None:
     """When libfuse or fusermount3 refuse the mount, their reason is the one line (pyfuse3
     alone would say "fuse_session_mount failed", after a traceback)."""
-    if nobody_may_open_dev_fuse():
-        pytest.skip("nobody may open /dev/fuse here: a user mount would succeed")
     s = public_stack
+    with dev_fuse_mode(0o600) if os.geteuid() == 0 else contextlib.nullcontext():
+        if nobody_may_open_dev_fuse():
+            pytest.skip("nobody may open /dev/fuse here: a user mount would succeed")
+        refused_forms(s)
+
+
+def refused_forms(s: dict[str, Path]) -> None:
     for form in (("mount",), ("mount", "-f")):
         proc = run_overlayd(s["mnt"], *form, "-o",
                             overlay_options([s["lower"]], s["upper"], s["work"]), str(s["mnt"]),
@@ -449,39 +456,35 @@ def test_user_mount_refused_by_libfuse_is_one_line(public_stack: dict[str, Path]
         assert "Traceback" not in line
 
 
-@needs_nobody
-@needs_fuse
-def test_lower_file_unreadable_by_a_user_daemon(public_stack: dict[str, Path]) -> None:
+@pytest.mark.skipif(rootless_why_not() is not None, reason=str(rootless_why_not()))
+def test_lower_file_unreadable_by_a_user_daemon() -> None:
     """A user's daemon meets a lower file it may not read: EACCES for that file only."""
-    if not nobody_may_open_dev_fuse():
-        pytest.skip("nobody may not open /dev/fuse here (no unprivileged FUSE mounts)")
-    s = public_stack
-    (s["lower"] / "secret").write_bytes(b"root's")
-    (s["lower"] / "secret").chmod(0o000)
-    (s["lower"] / "open").write_bytes(b"anyone's")
-    code = textwrap.dedent(f"""
-        import errno, os, subprocess, sys
-        mnt = {str(s['mnt'])!r}
-        subprocess.run([sys.executable, "-m", "overlayd", "mount", "-o",
-                        {overlay_options([s['lower']], s['upper'], s['work'])!r}, mnt],
-                       check=True)
-        try:
-            out = []
-            for name, mode in (("secret", "rb"), ("secret", "ab"), ("open", "rb")):
-                try:
-                    with open(os.path.join(mnt, name), mode) as f:
-                        out.append(f.read() if mode == "rb" else b"")
-                except OSError as e:
-                    out.append(errno.errorcode[e.errno])
-            print(out)
-        finally:
-            subprocess.run(["fusermount3", "-u", mnt], check=True)
-    """)
-    proc = subprocess.run([*NOBODY, sys.executable, "-c", code], capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT, check=False, cwd="/")
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "['EACCES', 'EACCES', b\"anyone's\"]"
-    assert os.listdir(s["upper"]) == []
+    with rootless() as user:
+        s = {name: user.base / "home" / name for name in ("lower", "upper", "work", "mnt")}
+        for name, path in s.items():
+            path.mkdir()
+            if name != "lower":
+                os.chown(path, user.uid, user.gid)
+        s["lower"].chmod(0o755)
+        (s["lower"] / "secret").write_bytes(b"root's")
+        (s["lower"] / "secret").chmod(0o000)
+        (s["lower"] / "open").write_bytes(b"anyone's")
+        with user.mounted(s["mnt"], overlay_options([s["lower"]], s["upper"], s["work"])):
+            proc = user.python_run(textwrap.dedent(f"""
+                import errno, os
+                out = []
+                for name, mode in (("secret", "rb"), ("secret", "ab"), ("open", "rb")):
+                    try:
+                        with open(os.path.join({str(s['mnt'])!r}, name), mode) as f:
+                            out.append(f.read() if mode == "rb" else b"")
+                    except OSError as e:
+                        out.append(errno.errorcode[e.errno])
+                print(out)
+            """))
+            assert user.unmount(s["mnt"]).returncode == 0
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "['EACCES', 'EACCES', b\"anyone's\"]"
+        assert os.listdir(s["upper"]) == []
 
 
 # --- no request can crash the daemon ------------------------------------------------------------
