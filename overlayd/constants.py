@@ -48,6 +48,9 @@ ESCAPE = b"overlay."
 # top bits (the kernel's xino scheme); numbers that do not fit get a synthetic one.
 XINO_SHIFT = 56
 SYNTHETIC_INO_BASE = 0xFF << XINO_SHIFT
+# The names of a lower hard link in a writable mount, each an inode of its own: numbers derived
+# from (origin, parent, name), so that every mount of the same layers gives the same ones.
+LINK_INO_BASE = SYNTHETIC_INO_BASE | (1 << (XINO_SHIFT - 1))
 
 # The workdir's subdirectory where objects are built before publication (the kernel's name).
 WORK_SUBDIR = b"work"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import stat
@@ -19,6 +20,7 @@ from typing import TypeVar
 from overlayd import copyup
 from overlayd.constants import (
     INO_XATTRS,
+    LINK_INO_BASE,
     OPAQUE_XATTRS,
     REDIRECT_XATTRS,
     SYNTHETIC_INO_BASE,
@@ -123,6 +125,7 @@ class Overlay:
         self._next_synthetic = SYNTHETIC_INO_BASE
         # Inode numbers of the names of lower hard links in a writable mount (see _node_for).
         self._link_inos: dict[int, dict[tuple[int, bytes], int]] = {}
+        self._link_owners: set[int] = set()
         # Inodes whose attributes the kernel may cache although a change made them stale
         # (a copied-up directory becomes merged): the adapter tells the kernel after each request.
         self.stale_attrs: list[int] = []
@@ -351,7 +354,8 @@ class Overlay:
             if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP):
                 return
             raise
-        if value.isdigit() and 1 < int(value) < SYNTHETIC_INO_BASE \
+        if value.isdigit() and (1 < int(value) < SYNTHETIC_INO_BASE
+                                or LINK_INO_BASE <= int(value) < 1 << 64) \
                 and self.table.get(int(value)) is None:
             self._remap[key] = int(value)
 
@@ -361,15 +365,21 @@ class Overlay:
         As the kernel with index=off (ovl_hash_bylower), each name is an inode of its own, so
         that a copy-up through one name breaks the link and the other names keep the lower
         data. The kernel's inodes all report the origin's st_ino; a FUSE node's number is its
-        st_ino, so here the first name met has it and the others get numbers of their own.
+        st_ino, so here each name has a number of its own, derived from the origin's, its
+        parent's and its name: the same in every mount, whichever name is met first, and
+        recorded at copy-up like any other (copy_up).
         """
         names = self._link_inos.setdefault(ino, {})
         link_ino = names.get((parent.ino, name))
         if link_ino is None:
-            if names:
-                self._next_synthetic += 1
-                ino = self._next_synthetic
-            link_ino = names[(parent.ino, name)] = ino
+            digest = hashlib.blake2b(b"%d/%d/" % (ino, parent.ino) + name, digest_size=8)
+            link_ino = LINK_INO_BASE | (int.from_bytes(digest.digest(), "little")
+                                        & (LINK_INO_BASE - SYNTHETIC_INO_BASE - 1))
+            if link_ino in self._link_owners or self.table.get(link_ino) is not None:
+                self._next_synthetic += 1  # a collision (2**-55 a pair): this mount's own
+                link_ino = self._next_synthetic
+            self._link_owners.add(link_ino)
+            names[(parent.ino, name)] = link_ino
         return link_ino
 
     def remember(self, node: Node) -> None:
@@ -549,8 +559,10 @@ class Overlay:
         src = self.dir_fd(parent, node.top)
         st = os.stat(node.name, dir_fd=src, follow_symlinks=False)
         # Record the inode number for later mounts, unless it is this mount's invention or the
-        # origin stays visible under other names (a lower hard link).
-        keep = node.ino < SYNTHETIC_INO_BASE and (node.is_dir or st.st_nlink == 1)
+        # origin's own while it stays visible under other names (a lower hard link's names in
+        # a writable mount have numbers of their own, _link_ino: those are recorded).
+        keep = node.ino >= LINK_INO_BASE or (
+            node.ino < SYNTHETIC_INO_BASE and (node.is_dir or st.st_nlink == 1))
         if self.userxattr and not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             keep = False  # user.* xattrs exist on files and directories only (EPERM else)
         extra = [(self.ino_xattr, b"%d" % node.ino)] if keep else []

@@ -11,13 +11,10 @@ place: each normaliser below erases exactly one of them from a snapshot before c
    such a directory raw, ovl_dir_is_real) while its lookup denies it; overlayd lists no name its
    lookup denies (tests/test_fuzz_regressions.py shows both; the fuzzer's stacks avoid it).
 
-Known gaps (not deliberate; strict xfails in tests/test_fuzz_regressions.py, each exempted in
-the fuzzer where it would otherwise end most examples): a failing setxattr with
+Known gap (not deliberate; a strict xfail in tests/test_fuzz_regressions.py, exempted in the
+fuzzer where it would otherwise end most examples): a failing setxattr with
 XATTR_CREATE/XATTR_REPLACE copies up in the kernel and not in overlayd, because pyfuse3 answers
-those flags itself without calling the filesystem's setxattr; and the names of a lower hard link
-in a writable mount are numbered in the order they are met (the first the origin's st_ino, the
-others synthetic ones, and a copy-up of one records none), so once one name is changed or gone a
-remount can give the others different st_ino, where the kernel keeps every st_ino.
+those flags itself without calling the filesystem's setxattr.
 """
 
 from __future__ import annotations

@@ -210,12 +210,6 @@ def _inode_numbers_across_remount(mount: Callable[[], contextlib.AbstractContext
         return before, os.lstat(mnt / name).st_ino
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="overlayd gap: the names of a lower hard link get st_ino by the order "
-                          "they are met (overlay.py _link_ino: the first the origin's number, "
-                          "the others synthetic ones) and a copy-up of one records none, so "
-                          "after a change a remount numbers them anew; the issue asks that a "
-                          "remount keeps every st_ino")
 @pytest.mark.parametrize("how", ["unlink the name met first", "copy up the name met first"])
 def test_lower_hard_link_keeps_st_ino_across_remount(tmp_path: Path, how: str) -> None:
     """Found by the fuzzer's remount check (test_kernel_fuzz.py, check_remount)."""

@@ -42,7 +42,7 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -62,7 +62,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from overlayd.constants import SYNTHETIC_INO_BASE
+from overlayd.constants import LINK_INO_BASE, SYNTHETIC_INO_BASE
 from tests.conftest import needs_fuse, needs_kernel_overlay
 from tests.differences import normalize, recent_times, whiteouts_unshared
 from tests.fuzz_script import (
@@ -313,12 +313,6 @@ def inode_numbers(root: Path) -> dict[bytes, int]:
     return found
 
 
-def _all_stats(root: Path) -> Iterator[os.stat_result]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            yield os.lstat(os.path.join(dirpath, name))
-
-
 def listing(dir_fd: int) -> dict[bytes, int] | None:
     """The names in the open directory *dir_fd*, now, with their st_ino (read through a new
     open file, so *dir_fd*'s position stays where it is); None if it is gone."""
@@ -536,27 +530,23 @@ class OverlayPair(RuleBasedStateMachine):
     def check_remount(self, before: dict[bytes, int]) -> None:
         """Remounted on its own upper, the implementation under test keeps every st_ino."""
         ours = self.sides[1]
-        lower_links = {st_.st_ino for layer in ours.lowers for st_ in _all_stats(layer)
-                       if not stat.S_ISDIR(st_.st_mode) and st_.st_nlink > 1}
         with ours.mount(ours.mnt, ours.options()):
             after = inode_numbers(ours.mnt)
         differ = [f"{p!r}: st_ino {before.get(p)} then {after.get(p)}"
                   for p in sorted(before.keys() | after.keys())
                   if before.get(p) != after.get(p)
-                  and not (self.peer == "overlayd"
-                           and self.lower_link_ino(before, after, p, lower_links))]
+                  and not (self.peer == "overlayd" and self.stand_in_ino(before, after, p))]
         if differ:
             self.fail("remount: st_ino", f"{self.peer} remounted on its own upper changed "
                       "inode numbers:\n" + "\n".join(differ))
 
     @staticmethod
-    def lower_link_ino(before: dict[bytes, int], after: dict[bytes, int], path: bytes,
-                       lower_links: set[int]) -> bool:
-        """Whether *path* had, in either mount, a synthetic st_ino or a lower hard link's: the
-        names of a lower hard link are numbered by the order they are met, a known gap
-        (test_fuzz_regressions.py); left in, it would end most examples that have one."""
-        return any(numbers.get(path, 0) >= SYNTHETIC_INO_BASE
-                   or numbers.get(path) in lower_links for numbers in (before, after))
+    def stand_in_ino(before: dict[bytes, int], after: dict[bytes, int], path: bytes) -> bool:
+        """Whether *path* had, in either mount, a number overlayd made up for this mount: while
+        the kernel still holds an unlinked object, a new object that the upper filesystem gives
+        the same inode number gets a stand-in (Overlay.ino_for), and a remount gives it its own."""
+        return any(SYNTHETIC_INO_BASE <= numbers.get(path, 0) < LINK_INO_BASE
+                   for numbers in (before, after))
 
     def in_upper(self, path: str) -> bool:
         """Whether the kernel's upper layer holds *path* (a whiteout does not count)."""
