@@ -142,19 +142,6 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-@pytest.fixture
-def writer() -> Iterator[list[subprocess.Popen[bytes]]]:
-    """Processes a test starts against the mount; killed if the test leaves them running."""
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.communicate(timeout=30)  # reaps it and closes its pipe
-
-
 APPEND = (
     "import os, sys\n"
     "with open(sys.argv[1], 'ab') as f:  # the open copies the file up\n"
@@ -166,7 +153,7 @@ APPEND = (
 
 @pytest.mark.slow
 def test_kill9_during_copy_up_publishes_nothing_partial(
-        stack: dict[str, Path], writer: list[subprocess.Popen[bytes]]) -> None:
+        stack: dict[str, Path], children: list[subprocess.Popen[bytes]]) -> None:
     """kill -9 while a 256 MiB copy-up is being built: afterwards the file is the whole lower
     file or the whole new one, never a prefix; the half-built copy is removed at remount."""
     digest = write_pseudo_random(stack["lower2"] / "big", BIG)
@@ -175,7 +162,7 @@ def test_kill9_during_copy_up_publishes_nothing_partial(
     new_sha = digest.hexdigest()
     mnt = stack["mnt"]
     with overlayd_mounted(mnt, writable(stack)) as daemon:
-        writer.append(subprocess.Popen([sys.executable, "-c", APPEND, str(mnt / "big")],
+        children.append(subprocess.Popen([sys.executable, "-c", APPEND, str(mnt / "big")],
                                        stderr=subprocess.PIPE))
         # Wait for the copy to be under way: a temporary in work/ that grows, then kill at once.
         # A tight loop, not poll(): the copy takes a fraction of a second.
@@ -191,11 +178,11 @@ def test_kill9_during_copy_up_publishes_nothing_partial(
                 sizes.append(size)
                 if size < 0 or (len(sizes) >= 2 and 0 < sizes[-2] < size < BIG):
                     break
-            elif writer[0].poll() is not None:
+            elif children[0].poll() is not None:
                 break
         kill9(daemon.proc)
         assert sizes, "no copy-up temporary ever appeared in the workdir"
-        assert writer[0].wait(timeout=30) != 0, "the writer finished before the kill"
+        assert children[0].wait(timeout=30) != 0, "the writer finished before the kill"
         assert_dead_mount(mnt)
         published = (stack["upper"] / "big").exists()
         if published:

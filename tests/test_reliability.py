@@ -1054,22 +1054,6 @@ def reap(procs: list[subprocess.Popen[bytes]]) -> list[tuple[int, bytes]]:
     return results
 
 
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=RUN_TIMEOUT)
-            for pipe in (proc.stdin, proc.stdout, proc.stderr):
-                if pipe is not None:
-                    with contextlib.suppress(OSError):
-                        pipe.close()
-
-
 @needs_fuse
 def test_concurrent_processes_in_one_directory(stack: dict[str, Path], tmp_path: Path,
                                                children: list[subprocess.Popen[bytes]]) -> None:
