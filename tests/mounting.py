@@ -82,14 +82,19 @@ def unmount_fuse(mountpoint: Path, proc: subprocess.Popen[bytes] | None) -> None
     finally:
         if proc is not None:
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=10)  # a daemon exits once unmounted
             except subprocess.TimeoutExpired:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+                stop_process(proc, 5)
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """End a process we started: SIGTERM, *grace* seconds to exit, then SIGKILL; reaped."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def check_log(text: str) -> None:

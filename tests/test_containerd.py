@@ -19,6 +19,7 @@ import pytest
 from overlayd.containerd import Snapshot, layer_dirs, snapshot_chain
 from overlayd.errors import UsageError
 from tests.boltwrite import Tree, write_db
+from tests.mounting import stop_process
 
 VIEW, ACTIVE, COMMITTED = 1, 2, 3
 
@@ -208,12 +209,7 @@ def running_containerd(tmp_path: Path) -> Iterator[tuple[str, Path]]:
             time.sleep(0.05)
         yield str(sock), root
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 10)
         log.close()
         shutil.rmtree(short, ignore_errors=True)
 
