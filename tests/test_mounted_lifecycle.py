@@ -70,28 +70,18 @@ def test_daemon_mode_is_ready_on_return_and_umount_ends_it(stack: dict[str, Path
     check_log(log.read_text())
 
 
-def test_fuse_overlayfs_argv_form(stack: dict[str, Path]) -> None:
-    """`overlayd -o OPTS MNT`, as podman runs its mount_program."""
+@pytest.mark.parametrize("form", ["mount_program", "mount.fuse3"])
+def test_other_argv_forms(stack: dict[str, Path], form: str) -> None:
+    """`overlayd -o OPTS MNT`, as podman runs its mount_program (with its empty items and
+    volatile), and `overlayd SOURCE MNT -o rw,...,dev,suid`, what mount.fuse3 runs for
+    `mount -t fuse.overlayd`."""
     (stack["lower1"] / "f").write_text("x")
-    opts = overlay_options([stack["lower1"]], stack["upper"], stack["work"]) + ",,volatile,"
+    opts = overlay_options([stack["lower1"]], stack["upper"], stack["work"])
     mnt = stack["mnt"]
-    proc = subprocess.run(overlayd_argv("-o", opts, str(mnt)), capture_output=True, text=True,
-                          timeout=READY_TIMEOUT, check=False, stdin=subprocess.DEVNULL)
-    try:
-        assert proc.returncode == 0, proc.stderr
-        assert (mnt / "f").read_text() == "x"
-    finally:
-        unmount_fuse(mnt, None)
-        poll(lambda: not daemons_serving(mnt), 10, "the daemon to exit")
-
-
-def test_mount_fuse3_helper_form(stack: dict[str, Path]) -> None:
-    """`overlayd SOURCE MNT -o rw,...`: what mount.fuse3 runs for `mount -t fuse.overlayd`."""
-    (stack["lower1"] / "f").write_text("x")
-    opts = "rw," + overlay_options([stack["lower1"]], stack["upper"], stack["work"]) + ",dev,suid"
-    mnt = stack["mnt"]
-    proc = subprocess.run(overlayd_argv("overlay", str(mnt), "-o", opts), capture_output=True,
-                          text=True, timeout=READY_TIMEOUT, check=False)
+    argv = (overlayd_argv("-o", opts + ",,volatile,", str(mnt)) if form == "mount_program"
+            else overlayd_argv("overlay", str(mnt), "-o", "rw," + opts + ",dev,suid"))
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=READY_TIMEOUT,
+                          check=False, stdin=subprocess.DEVNULL)
     try:
         assert proc.returncode == 0, proc.stderr
         assert (mnt / "f").read_text() == "x"
