@@ -421,9 +421,9 @@ class Overlay:
             return fd_path(self.layers[node.top].fd)
         return fd_path(self.dir_fd(node.parent, node.top), node.name)
 
-    def _xattr_target(self, node: Node) -> bytes | int:
-        """Where the node's xattrs are: its path, or, once no name leads to it, an open handle
-        on it (the kernel acts on the open inode). Used by _xattr_call."""
+    def _target(self, node: Node) -> bytes | int:
+        """Where the node's attributes and xattrs are changed: its path, or, once no name leads
+        to it, an open handle on it (the kernel acts on the open inode)."""
         if node.unlinked:
             for handle in self.handles.values():
                 if handle.node is node:
@@ -432,7 +432,7 @@ class Overlay:
         return self.xattr_path(node)
 
     def _xattr_call(self, call: Callable[..., T], node: Node, *args: object) -> T:
-        target = self._xattr_target(node)
+        target = self._target(node)
         if isinstance(target, int):
             return call(target, *args)  # an fd: follow_symlinks does not apply
         return call(target, *args, follow_symlinks=False)
@@ -580,7 +580,7 @@ class Overlay:
         self.stale_attrs.append(node.ino)
         log.debug("copied up %r", node)
 
-    def _copy_up_named(self, node: Node) -> None:
+    def _copy_up_named(self, node: Node, *, data: bool = True) -> None:
         """copy_up for a change made through an inode: one that no name leads to any more
         cannot be copied up (its name may hold another object by now)."""
         if node.unlinked:
@@ -590,7 +590,7 @@ class Overlay:
                 # name: EEXIST (seen on 6.18).
                 raise OverlayError("a lower file no name leads to", errno.EEXIST)
             return
-        self.copy_up(node)
+        self.copy_up(node, data=data)
 
     def _at(self, parent: Node, name: bytes, *, locate: bool = True) -> Node:
         """The node named *name* in *parent*; with *locate*, located by that name (a hard-linked
@@ -926,7 +926,7 @@ class Overlay:
 
     def _chown(self, target: bytes | int, uid: int, gid: int, dir_fd: int | None = None) -> None:
         try:
-            if isinstance(target, int):  # the root: its fd (no symlink to follow)
+            if isinstance(target, int):  # an fd (the root's, an open file's): no symlink
                 os.chown(target, uid, gid)
             else:
                 os.chown(target, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
@@ -940,13 +940,17 @@ class Overlay:
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None, fh: int | None = None) -> os.stat_result:
         """Change *node*'s attributes; *uid* and *gid* are shown ids (mapped to disk here)."""
-        self.copy_up(node, data=size != 0)
-        if node.parent is None:
-            path, dir_fd, name = None, self.layers[0].fd, None
+        self._copy_up_named(node, data=size != 0)
+        target: bytes | int
+        if node.unlinked:
+            target = self._target(node)  # an open handle's fd: its name may hold another now
+            dir_fd, name = None, None
+        elif node.parent is None:
+            dir_fd, name = self.layers[0].fd, None
+            target = dir_fd
         else:
             dir_fd, name = self.dir_fd(node.parent, 0), node.name
-            path = fd_path(dir_fd, name)
-        target: bytes | int = path if path is not None else dir_fd
+            target = fd_path(dir_fd, name)
         if uid is not None or gid is not None:
             self._chown(target, -1 if uid is None else self.opts.uidmap.disk(uid),
                         -1 if gid is None else self.opts.gidmap.disk(gid))
@@ -959,8 +963,12 @@ class Overlay:
             if handle is not None and handle.node is node and handle.layer == 0:
                 os.ftruncate(handle.fd, size)
             else:
-                assert name is not None
-                fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                if isinstance(target, int):
+                    # Reopened for writing through /proc, which follows to the open file.
+                    fd = os.open(fd_path(target), os.O_WRONLY | os.O_CLOEXEC)
+                else:
+                    assert name is not None
+                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
                 try:
                     os.ftruncate(fd, size)
                 finally:
@@ -969,7 +977,7 @@ class Overlay:
             st = self.stat(node)
             times = (st.st_atime_ns if atime_ns is None else atime_ns,
                      st.st_mtime_ns if mtime_ns is None else mtime_ns)
-            if isinstance(target, int):  # the root, by fd: follow_symlinks does not apply
+            if isinstance(target, int):  # an fd: follow_symlinks does not apply
                 os.utime(target, ns=times)
             else:
                 os.utime(target, ns=times, follow_symlinks=False)

@@ -263,3 +263,39 @@ def test_xattr_through_handle_of_unlinked_file(tmp_path: Path, call: str, flags:
         else ["EEXIST", []]
     kernel_shows(results["kernel"] == expected, f"{call} on the open file: {results['kernel']}")
     assert results["overlayd"] == results["kernel"]
+
+
+# -- attributes through a handle whose name now holds another file ---------------------------------
+
+@pytest.mark.parametrize("call", ["fchmod", "fchown", "futimens", "ftruncate"])
+@pytest.mark.parametrize("flags", [os.O_RDWR, os.O_RDONLY])
+def test_attributes_through_handle_of_unlinked_file(tmp_path: Path, call: str,
+                                                    flags: int) -> None:
+    """Found by the soak: fchmod through an open file whose name was unlinked and created
+    anew changed the new file. The kernel changes the open file (a copied-up one), or, for a
+    lower one it cannot copy up any more, fails; the new file is left alone."""
+    calls: dict[str, Callable[[int], object]] = {
+        "fchmod": lambda fd: os.fchmod(fd, 0o600),
+        "fchown": lambda fd: os.fchown(fd, 1000, 100),
+        "futimens": lambda fd: os.utime(fd, ns=(1, 2)),
+        "ftruncate": lambda fd: os.ftruncate(fd, 2),
+    }
+
+    def act(mnt: Path) -> list[object]:
+        fd = os.open(mnt / "a", flags)
+        try:
+            os.unlink(mnt / "a")
+            (mnt / "a").write_bytes(b"the new a\n")
+            done = attempt(functools.partial(calls[call], fd))
+            old, new = os.fstat(fd), os.lstat(mnt / "a")
+            return [done, oct(old.st_mode), old.st_uid, old.st_mtime_ns == 2, old.st_size,
+                    oct(new.st_mode), new.st_uid, new.st_mtime_ns == 2, new.st_size]
+        finally:
+            os.close(fd)
+
+    with mounted_pair(tmp_path, _two_lower_files) as pair:
+        results = {kind: act(mnt) for kind, mnt in (("kernel", pair.kernel),
+                                                      ("overlayd", pair.ours))}
+    kernel_shows(results["kernel"][5:] == ["0o100644", 0, False, 10],
+                 f"{call}: the new file left alone: {results['kernel']}")
+    assert results["overlayd"] == results["kernel"]
