@@ -19,7 +19,9 @@ setup_say() { printf '==> %s\n' "$*"; }
 setup_die() { printf 'overlayd setup: %s\n' "$*" >&2; return 1; }
 
 setup_deb_installed() {
-    dpkg -s "$1" 2>/dev/null | grep -q '^Status: install ok installed'
+    # Not `dpkg -s | grep -q`: grep leaves at the first match, and under pipefail the SIGPIPE
+    # dpkg gets for a long description makes an installed package look missing.
+    [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null) == "install ok installed" ]]
 }
 
 # Succeed if $1 is a Python >= 3.11.
