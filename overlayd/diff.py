@@ -79,11 +79,11 @@ class _Differ:
         """The changes below one directory of the layer: *old* is the lower view's directory
         at the same path (None when it has none); *opaque*: the layer hides it."""
         mine = {e.name: e for e in entries(upper_fd, parts)}
-        old_names = list_merged(old) if old is not None else []
-        if not opaque:
-            # Names the layer does not mention live on unchanged.
-            old_names = [n for n in old_names if n in mine]
-        for name in sorted(set(mine) | set(old_names)):
+        names = set(mine)
+        if opaque and old is not None:
+            # Only under an opaque directory can a name the layer does not mention be gone.
+            names.update(list_merged(old))
+        for name in sorted(names):
             entry = mine.get(name)
             path = b"/" + b"/".join((*parts, name))
             found = resolve(old, name, self.roots) if old is not None else None
