@@ -107,9 +107,9 @@ def resolve(dirs: DirStack, name: bytes, roots: Sequence[int] = (),
     list_merged) names what each layer's directory holds: a layer without the name or its
     ``.wh.`` whiteout is skipped without a syscall. *fmt*: the opaque and redirect marks read.
     """
-    wh_name = WHITEOUT_PREFIX + name
     if name.startswith(WHITEOUT_PREFIX):
         return None  # whiteout files and opaque markers are never part of the merged view
+    wh_name = WHITEOUT_PREFIX + name if listed is not None else b""
     top: os.stat_result | None = None
     found: list[int] = []
     locations: list[tuple[int, Location]] = []
