@@ -393,9 +393,9 @@ class Overlay:
     def stat(self, node: Node) -> os.stat_result:
         if node.unlinked:
             # No name leads to it any more: an open handle still does; else its last stat.
-            for handle in self.handles.values():
-                if handle.node is node:
-                    return os.fstat(handle.fd)
+            fd = self._open_fd(node)
+            if fd is not None:
+                return os.fstat(fd)
             assert node.final_st is not None
             return node.final_st
         if node.parent is None:
@@ -421,21 +421,25 @@ class Overlay:
             return fd_path(self.layers[node.top].fd)
         return fd_path(self.dir_fd(node.parent, node.top), node.name)
 
+    def _open_fd(self, node: Node) -> int | None:
+        """The fd of an open handle on *node*, if any."""
+        for handle in self.handles.values():
+            if handle.node is node:
+                return handle.fd
+        return None
+
     def _target(self, node: Node) -> bytes | int:
         """Where the node's attributes and xattrs are changed: its path, or, once no name leads
         to it, an open handle on it (the kernel acts on the open inode)."""
         if node.unlinked:
-            for handle in self.handles.values():
-                if handle.node is node:
-                    return handle.fd
-            raise OverlayError("no name leads to it", errno.ENOENT)
+            fd = self._open_fd(node)
+            if fd is None:
+                raise OverlayError("no name leads to it", errno.ENOENT)
+            return fd
         return self.xattr_path(node)
 
     def _xattr_call(self, call: Callable[..., T], node: Node, *args: object) -> T:
-        target = self._target(node)
-        if isinstance(target, int):
-            return call(target, *args)  # an fd: follow_symlinks does not apply
-        return call(target, *args, follow_symlinks=False)
+        return _call_at(call, self._target(node), *args)
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         disk = xattr_to_disk(name, self.xattr_format)
@@ -926,8 +930,8 @@ class Overlay:
 
     def _chown(self, target: bytes | int, uid: int, gid: int, dir_fd: int | None = None) -> None:
         try:
-            if isinstance(target, int):  # an fd (the root's, an open file's): no symlink
-                os.chown(target, uid, gid)
+            if dir_fd is None:
+                _call_at(os.chown, target, uid, gid)
             else:
                 os.chown(target, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
         except PermissionError:
@@ -977,10 +981,7 @@ class Overlay:
             st = self.stat(node)
             times = (st.st_atime_ns if atime_ns is None else atime_ns,
                      st.st_mtime_ns if mtime_ns is None else mtime_ns)
-            if isinstance(target, int):  # an fd: follow_symlinks does not apply
-                os.utime(target, ns=times)
-            else:
-                os.utime(target, ns=times, follow_symlinks=False)
+            _call_at(os.utime, target, ns=times)
         return self.stat(node)
 
     def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
@@ -1017,6 +1018,14 @@ class Overlay:
     def fsyncdir(self, node: Node) -> None:
         if self.opts.fsync and 0 in node.layers and self.upper is not None:
             os.fsync(self.dir_fd(node, 0))
+
+
+def _call_at(call: Callable[..., T], target: bytes | int, *args: object, **kwargs: object) -> T:
+    """*call* on a path without following a symlink there, or on an fd (the root's, an open
+    file's), where follow_symlinks does not apply."""
+    if isinstance(target, int):
+        return call(target, *args, **kwargs)
+    return call(target, *args, follow_symlinks=False, **kwargs)
 
 
 def _place(found: Found | None) -> Place | None:
