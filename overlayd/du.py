@@ -18,6 +18,7 @@ same image unpacked by two engines). Only files whose size occurs in two stacks 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -30,8 +31,8 @@ from typing import Any
 
 from overlayd.constants import OPAQUE_MARKER
 from overlayd.errors import CommandParser, UsageError
-from overlayd.layers import DirStack, list_merged, open_dir_at, resolve, walk_dirs
-from overlayd.layertree import Kind, Stack, descend, entries
+from overlayd.layers import DirStack, list_merged, resolve, walk_dirs
+from overlayd.layertree import Kind, Stack, descend, walk
 from overlayd.ondisk import fd_path
 from overlayd.options import shown
 from overlayd.stores import LayerStack, resolve_stack
@@ -138,46 +139,28 @@ class _Layer:
 def _walk_layer(index: int, layer: _Layer, inodes: dict[Key, _Inode],
                 problems: Problems) -> None:
     """Record every inode of one layer (its root included)."""
-    st = os.fstat(layer.fd)
-    layer.keys.add(_key(st))
-    inodes.setdefault(_key(st), _inode(st, (index, ())))
+    def record(st: os.stat_result, parts: tuple[bytes, ...]) -> None:
+        layer.keys.add(_key(st))
+        inodes.setdefault(_key(st), _inode(st, (index, parts)))
 
-    def visit(dir_fd: int, parts: tuple[bytes, ...], marker: bool) -> None:
-        subdirs: list[tuple[bytes, tuple[bytes, ...], bool]] = []
-        if marker:
-            # entries() reads a .wh..wh..opq marker as its directory's opaque flag; it is an
-            # inode of the layer all the same.
-            try:
-                mst = os.stat(OPAQUE_MARKER, dir_fd=dir_fd, follow_symlinks=False)
-                layer.keys.add(_key(mst))
-                inodes.setdefault(_key(mst), _inode(mst, (index, (*parts, OPAQUE_MARKER))))
-            except FileNotFoundError:
-                pass
-        try:
-            for entry in entries(dir_fd, parts):
-                key = _key(entry.st)
-                layer.keys.add(key)
-                where = (index, (*parts, entry.disk_name))
-                inodes.setdefault(key, _inode(entry.st, where))
-                if entry.kind is Kind.WHITEOUT:
-                    layer.whiteouts += 1
-                elif entry.kind is Kind.DIR:
-                    layer.opaque += entry.opaque
-                    subdirs.append((entry.disk_name, where[1], entry.oci))
-        except OSError as e:
-            problems.add(_display(layer.path, parts), e)
-        for name, sub_parts, sub_marker in subdirs:
-            try:
-                fd = open_dir_at(dir_fd, name)
-            except OSError as e:
-                problems.add(_display(layer.path, sub_parts), e)
-                continue
-            try:
-                visit(fd, sub_parts, sub_marker)
-            finally:
-                os.close(fd)
+    def record_marker(dir_path: bytes, parts: tuple[bytes, ...]) -> None:
+        # walk() reads a .wh..wh..opq marker as its directory's opaque flag; it is an inode of
+        # the layer all the same.
+        with contextlib.suppress(FileNotFoundError):
+            record(os.stat(dir_path + b"/" + OPAQUE_MARKER, follow_symlinks=False),
+                   (*parts, OPAQUE_MARKER))
 
-    visit(layer.fd, (), os.path.lexists(fd_path(layer.fd, OPAQUE_MARKER)))
+    record(os.fstat(layer.fd), ())
+    record_marker(fd_path(layer.fd), ())
+    for entry in walk(layer.fd, onerror=lambda parts, e: problems.add(
+            _display(layer.path, parts), e)):
+        record(entry.st, (*entry.parts[:-1], entry.disk_name))
+        if entry.kind is Kind.WHITEOUT:
+            layer.whiteouts += 1
+        elif entry.kind is Kind.DIR:
+            layer.opaque += entry.opaque
+            if entry.oci:
+                record_marker(fd_path(entry.parent_fd, entry.disk_name), entry.parts)
 
 
 def _walk_view(dirs: Sequence[bytes], spec: str, problems: Problems) -> set[Key]:

@@ -13,7 +13,7 @@ import enum
 import errno
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from overlayd.constants import OPAQUE_MARKER, WHITEOUT_PREFIX
@@ -88,32 +88,43 @@ def entries(dir_fd: int, parts: tuple[bytes, ...] = (), fmt: XattrFormat = ALL_F
             yield Entry((*parts, disk_name), Kind.OTHER, st, dir_fd, disk_name)
 
 
-def walk(root_fd: int, fmt: XattrFormat = ALL_FORMATS,
-         parts: tuple[bytes, ...] = ()) -> Iterator[Entry]:
+def walk(root_fd: int, fmt: XattrFormat = ALL_FORMATS, parts: tuple[bytes, ...] = (),
+         onerror: Callable[[tuple[bytes, ...], OSError], None] | None = None
+         ) -> Iterator[Entry]:
     """Every object below the directory *root_fd*, parents before children, names in byte order
     in each directory (as Go's filepath.Walk, which docker diff uses); see :func:`entries`.
-    Symlinks are never followed."""
-    for entry in entries(root_fd, parts, fmt):
-        yield entry
-        if entry.kind is Kind.DIR:
+    Symlinks are never followed. With *onerror*, a directory that cannot be read is reported
+    to it (with its parts) and the walk goes on without it, instead of failing."""
+    try:
+        for entry in entries(root_fd, parts, fmt):
+            yield entry
+            if entry.kind is not Kind.DIR:
+                continue
             try:
                 fd = open_dir_at(root_fd, entry.disk_name)
             except FileNotFoundError:
                 continue
+            except OSError as e:
+                if onerror is None:
+                    raise
+                onerror(entry.parts, e)
+                continue
             try:
-                yield from walk(fd, fmt, entry.parts)
+                yield from walk(fd, fmt, entry.parts, onerror)
             finally:
                 os.close(fd)
+    except OSError as e:
+        if onerror is None:
+            raise
+        onerror(parts, e)
 
 
 def _marks(parent_fd: int, name: bytes, fmt: XattrFormat) -> tuple[bool, bytes | None]:
     try:
         return dir_marks(fd_path(parent_fd, name), None, fmt)
     except OSError as e:
-        if e.errno in (errno.EINVAL, errno.EACCES):
-            raise OSError(e.errno, f"invalid redirect xattr: {e.strerror}",
-                          os.fsdecode(name)) from None
-        raise
+        # Name the directory, not /proc/self/fd/N (checked_redirect's errors name none).
+        raise OSError(e.errno, e.strerror, os.fsdecode(name)) from None
 
 
 def shown_xattrs(parent_fd: int, name: bytes, fmt: XattrFormat = ALL_FORMATS
