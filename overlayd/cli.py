@@ -24,7 +24,7 @@ from typing import Any
 
 from overlayd import __version__
 from overlayd.errors import MountError, UsageError
-from overlayd.options import encode_path, shown, unescape_mountinfo
+from overlayd.options import encode_path, parse_mountinfo, shown
 
 USAGE = """\
 usage: overlayd mount [-f] [-d] [--log FILE] -o lowerdir=L1:L2[,upperdir=U,workdir=W] MOUNTPOINT
@@ -278,13 +278,8 @@ def _check_log_file(path: str) -> None:
 
 def mounts() -> list[tuple[bytes, str]]:
     """(mountpoint, fstype) of every mount, bottom first, from /proc/self/mountinfo."""
-    found = []
     with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            fields = line.split()
-            found.append((unescape_mountinfo(fields[4]),
-                          os.fsdecode(fields[fields.index(b"-") + 1])))
-    return found
+        return [(point, os.fsdecode(fstype)) for point, fstype, _ in parse_mountinfo(f.read())]
 
 
 def mount_fstype(mountpoint: bytes) -> str | None:

@@ -336,23 +336,31 @@ def unescape_mountinfo(field: bytes) -> bytes:
     return re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field)
 
 
-def kernel_overlay_dirs(mountinfo: bytes) -> list[tuple[bytes, bytes, bytes]]:
-    """(mountpoint, option, directory) of every upperdir= and workdir= of the kernel's overlay
-    mounts listed in *mountinfo* (the text of /proc/self/mountinfo)."""
+def parse_mountinfo(mountinfo: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """(mountpoint, fstype, super options) of every mount in *mountinfo* (the text of
+    /proc/self/mountinfo), bottom first; the mountpoint unescaped."""
     found = []
     for line in mountinfo.splitlines():
         fields = line.split()
         try:
             sep = fields.index(b"-")
-            fstype, super_options = fields[sep + 1], fields[sep + 3]
+            found.append((unescape_mountinfo(fields[4]), fields[sep + 1], fields[sep + 3]))
         except (ValueError, IndexError):
             continue
+    return found
+
+
+def kernel_overlay_dirs(mountinfo: bytes) -> list[tuple[bytes, bytes, bytes]]:
+    """(mountpoint, option, directory) of every upperdir= and workdir= of the kernel's overlay
+    mounts listed in *mountinfo* (the text of /proc/self/mountinfo)."""
+    found = []
+    for point, fstype, super_options in parse_mountinfo(mountinfo):
         if fstype != b"overlay":
             continue
         for item in super_options.split(b","):
             key, _, value = item.partition(b"=")
             if key in (b"upperdir", b"workdir") and value:
-                found.append((unescape_mountinfo(fields[4]), key, unescape_mountinfo(value)))
+                found.append((point, key, unescape_mountinfo(value)))
     return found
 
 
