@@ -168,23 +168,25 @@ def state_file_name(mountpoint: bytes) -> str:
     return name + ".json"
 
 
-def proc_start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks (/proc/PID/stat field 22): tells a reused pid."""
+def _proc_stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (field 3 on), or None."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
+            return f.read().rsplit(b")", 1)[1].split()
     except OSError:
         return None
-    return int(fields[19])
+
+
+def proc_start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks (/proc/PID/stat field 22): tells a reused pid."""
+    fields = _proc_stat(pid)
+    return None if fields is None else int(fields[19])
 
 
 def proc_state(pid: int) -> str | None:
     """The process's state letter (R, S, D, T, Z, ...), or None if there is no such process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0].decode()
-    except OSError:
-        return None
+    fields = _proc_stat(pid)
+    return None if fields is None else fields[0].decode()
 
 
 def write_state(opts: MountOptions, real: bytes, log_file: str | None) -> str | None:
