@@ -87,7 +87,8 @@ class DirCache:
 Place = tuple[tuple[int, ...], int, tuple[tuple[int, Location], ...]]
 
 
-def _lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+    """The lstat of *name* in *dir_fd*; None when there is no such object."""
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -181,7 +182,7 @@ def _probe(dir_fd: int, name: bytes, fmt: XattrFormat = ALL_FORMATS
            ) -> tuple[bool, bool, os.stat_result | None, bytes | None]:
     """Look at *name* in one layer: (stop the search here, is a directory, its stat, its
     redirect)."""
-    st = _lstat_at(dir_fd, name)
+    st = lstat_at(dir_fd, name)
     if st is None:
         return has_oci_whiteout(dir_fd, name), False, None, None
     if is_whiteout(st):

@@ -40,7 +40,7 @@ from typing import BinaryIO
 from overlayd.constants import OPAQUE_MARKER, OPAQUE_VALUE, WHITEOUT_PREFIX
 from overlayd.copyup import remove_tree
 from overlayd.errors import CommandParser, UsageError
-from overlayd.layers import open_dir_at
+from overlayd.layers import lstat_at, open_dir_at
 from overlayd.layertree import Kind, shown_xattrs, walk
 from overlayd.ondisk import (
     ALL_FORMATS,
@@ -430,12 +430,6 @@ def _name_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogateescape")
 
 
-def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
-
 
 def _remove_at(dir_fd: int, name: bytes) -> None:
     """Remove *name* from *dir_fd*, a directory with everything in it, if it is there; never
@@ -504,7 +498,7 @@ class Importer:
         fd = self.root_fd
         for depth, part in enumerate(parts):
             here = parts[:depth + 1]
-            st = _lstat(fd, part)
+            st = lstat_at(fd, part)
             if st is not None and not stat.S_ISDIR(st.st_mode):
                 if not is_whiteout(st):
                     what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
@@ -534,9 +528,9 @@ class Importer:
         if self.kernel:
             os.setxattr(fd, self.opaque_xattr, OPAQUE_VALUE)
             return
-        if _lstat(parent_fd, WHITEOUT_PREFIX + name) is not None:
+        if lstat_at(parent_fd, WHITEOUT_PREFIX + name) is not None:
             return  # a .wh.NAME beside the directory already makes it opaque (overlayd's rule)
-        if _lstat(fd, OPAQUE_MARKER) is None:
+        if lstat_at(fd, OPAQUE_MARKER) is None:
             os.close(os.open(OPAQUE_MARKER, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                              | os.O_CLOEXEC, 0o000, dir_fd=fd))
             self.made.add((*parts, OPAQUE_MARKER))
@@ -606,7 +600,7 @@ class Importer:
     def whiteout(self, dir_parts: tuple[bytes, ...], target: bytes, m: tarfile.TarInfo) -> None:
         pfd = self.dir(dir_parts)
         path = (*dir_parts, target)
-        st = _lstat(pfd, target)
+        st = lstat_at(pfd, target)
         if st is not None and path in self.made and not is_whiteout(st):
             # This archive's own object stays; a directory of it now hides the layers below
             # (in the OCI format, the .wh. file made below says so).
@@ -632,7 +626,7 @@ class Importer:
 
     def marker_file(self, pfd: int, parts: tuple[bytes, ...], m: tarfile.TarInfo) -> None:
         name = parts[-1]
-        if _lstat(pfd, name) is not None:
+        if lstat_at(pfd, name) is not None:
             self.remove(pfd, name, parts)
             pfd = self.dir(parts[:-1])
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -660,7 +654,7 @@ class Importer:
     def create(self, parts: tuple[bytes, ...], m: tarfile.TarInfo) -> None:
         pfd = self.dir(parts[:-1])
         name = parts[-1]
-        st = _lstat(pfd, name)
+        st = lstat_at(pfd, name)
         hides = parts in self.hidden
         if m.islnk():
             self.hard_link(pfd, parts, st, m)
@@ -760,7 +754,7 @@ class Importer:
                                      f"{shown(target)} is not in the directory") from e
                 os.close(tfd)
                 tfd = nxt
-            tst = _lstat(tfd, target[-1])
+            tst = lstat_at(tfd, target[-1])
             if tst is None or stat.S_ISDIR(tst.st_mode) or is_whiteout(tst):
                 raise UsageError(f"refusing the hard link {shown(parts)}: its target "
                                  f"{shown(target)} is not a file extracted before it")

@@ -39,6 +39,7 @@ from overlayd.layers import (
     Layer,
     Place,
     list_merged,
+    lstat_at,
     open_dir_at,
     resolve,
     walk_dirs,
@@ -306,7 +307,7 @@ class Overlay:
         if place is None:
             return None
         layers, fmt, locations = place
-        st = _lstat(self.dir_fd(parent, layers[0]), name)
+        st = lstat_at(self.dir_fd(parent, layers[0]), name)
         if st is None or stat.S_IFMT(st.st_mode) != fmt:
             # Changed behind our back (undefined for overlayfs): believe the layers.
             found = self._resolve(parent, name)
@@ -654,7 +655,7 @@ class Overlay:
                     mode = os.stat(n, dir_fd=dir_fd).st_mode
                     os.chmod(n, stat.S_IMODE(mode) | stat.S_ISGID, dir_fd=dir_fd)
 
-        existing = _lstat(pfd, name)
+        existing = lstat_at(pfd, name)
         if existing is None:
             oci_whiteout = has_oci_whiteout(pfd, name)
             build(pfd, name)
@@ -857,7 +858,7 @@ class Overlay:
                 # As the kernel's ovl_rename: a directory moved into a merged directory is
                 # made opaque, so lower entries of the same name never merge into it.
                 copyup.set_opaque(self.xattr_path(src), self.opaque_xattr)
-            there = _lstat(npfd, new_name)
+            there = lstat_at(npfd, new_name)
             if there is not None and is_whiteout(there):
                 os.unlink(new_name, dir_fd=npfd)  # a directory cannot replace a device
         if dst is not None:
@@ -1033,9 +1034,3 @@ def _place(found: Found | None) -> Place | None:
         return None
     return found.layers, stat.S_IFMT(found.st.st_mode), found.locations
 
-
-def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
