@@ -31,7 +31,7 @@ from overlayd.errors import CommandParser, UsageError
 from overlayd.layers import DirStack, Found, list_merged, open_dir_at, resolve
 from overlayd.layertree import Entry, Kind, Stack, descend, entries
 from overlayd.ondisk import fd_path
-from overlayd.options import shown, split_escaped
+from overlayd.options import shown
 from overlayd.stores import CONTAINERD, OVERLAY2, resolve_stack
 
 ADDED, CHANGED, DELETED = "A", "C", "D"
@@ -172,15 +172,9 @@ def main_diff(argv: Sequence[str]) -> int:
         upper, lowers = layers[0], list(layers[1:])
     else:
         upper = os.fsencode(args.layer)
-        lowers = []
-        if args.lowerdir is not None:
-            parts = split_escaped(args.lowerdir, ":")
-            if any(not p for p in parts):
-                raise UsageError(f"--lowerdir has an empty element: {args.lowerdir!r}")
-            lowers = [os.fsencode(p) for p in parts]
-        for d in (upper, *lowers):
-            if not os.path.isdir(d):
-                raise UsageError(f"{shown(d)} is not a directory")
+        if not os.path.isdir(upper):
+            raise UsageError(f"{shown(upper)} is not a directory")
+        lowers = [] if args.lowerdir is None else list(resolve_stack(args.lowerdir).layers)
     out = sys.stdout.buffer
     for change in changes(upper, lowers):
         out.write(change.line())
