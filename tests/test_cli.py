@@ -325,3 +325,18 @@ def test_main_nul_and_surrogates(capsys: pytest.CaptureFixture[str],
                           "mountpoint '/tmp/\\ud800' is not a valid path")
     assert_one_line_error(capsys, ["-o", "lowerdir=/tmp/\ud800", str(stack["mnt"])],
                           "lowerdir '/tmp/\\ud800' is not a valid path")
+
+
+def test_layer_command_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`overlayd diff ... | head -1`: exit 141 (as a tool killed by SIGPIPE), nothing on
+    stderr."""
+    for i in range(20000):
+        (tmp_path / f"f{i:05}").write_bytes(b"")
+    proc = subprocess.Popen([sys.executable, "-m", "overlayd", "diff", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"A /f00000\n"
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141
+    assert err == b""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from pathlib import Path
@@ -105,3 +106,20 @@ def test_stack_follows_redirects(tmp_path: Path) -> None:
         assert found is not None
         assert found.layers == (1,)
         assert stack.listdir([b"sub", b"new"]) == [b"f"]
+
+
+def test_walk_reports_unreadable_directories_and_goes_on(tmp_path: Path) -> None:
+    (tmp_path / "d/bad").mkdir(parents=True)
+    os.setxattr(tmp_path / "d/bad", "user.overlay.redirect", b"..")  # the kernel: EACCES
+    (tmp_path / "z").write_bytes(b"z")
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(PermissionError):
+            list(walk(fd))
+        errors: list[tuple[tuple[bytes, ...], int | None]] = []
+        paths = [e.path for e in walk(fd, onerror=lambda parts, e: errors.append(
+            (parts, e.errno)))]
+    finally:
+        os.close(fd)
+    assert paths == [b"/d", b"/z"]
+    assert errors == [((b"d",), errno.EACCES)]
