@@ -60,6 +60,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from overlayd import cli
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = REPO / ".venv" / "bin"
 DEFAULT_WORKDIR = Path("/var/tmp/overlayd-bench")
@@ -381,15 +383,7 @@ def ensure_data(workdir: Path, sizes: Sizes) -> Data:
 
 def mount_fstype(mountpoint: Path) -> str | None:
     """The filesystem type mounted exactly at *mountpoint*, or None (the top mount wins)."""
-    target = os.path.realpath(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            if fields[4].encode().decode("unicode_escape") == target:
-                found = fields[sep + 1]
-    return found
+    return cli.mount_fstype(os.fsencode(os.path.realpath(mountpoint)))
 
 
 def quiet(argv: Sequence[str]) -> None:

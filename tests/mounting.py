@@ -17,22 +17,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from overlayd import cli
+
 FUSERMOUNT = "fusermount3"
 READY_TIMEOUT = 30.0
 
 
 def mount_fstype(mountpoint: Path) -> str | None:
-    """The filesystem type mounted exactly at *mountpoint*, or None."""
-    target = os.path.realpath(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            point = fields[4].encode().decode("unicode_escape")
-            if point == target:
-                found = fields[sep + 1]  # the last mount on top wins
-    return found
+    """The filesystem type mounted exactly at *mountpoint* (the top mount), or None."""
+    return cli.mount_fstype(os.fsencode(os.path.realpath(mountpoint)))
 
 
 def is_mounted(mountpoint: Path) -> bool:
