@@ -440,6 +440,16 @@ def run_layer_command(action: str, argv: list[str]) -> int:
     return command(argv)
 
 
+def binding_version() -> str:
+    """pyfuse3's version, and what our patch to it adds (scripts/pyfuse3-3.5.0.patch)."""
+    import importlib.metadata
+
+    from overlayd.fs import BINDING_FEATURES
+
+    features = ", ".join(sorted(BINDING_FEATURES)) or "none: a stock pyfuse3"
+    return f"pyfuse3 {importlib.metadata.version('pyfuse3')} (overlayd's patch: {features})"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         cmd = parse_argv(sys.argv[1:] if argv is None else argv)
@@ -448,6 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if cmd.action == "version":
             print(f"overlayd {__version__}")
+            print(binding_version())
             return 0
         if cmd.action == "umount":
             return do_umount(cmd)

@@ -23,6 +23,10 @@ from overlayd.overlay import Overlay
 
 log = logging.getLogger(__name__)
 
+# What overlayd's patch to pyfuse3 adds (scripts/pyfuse3-3.5.0.patch, built by scripts/setup);
+# with a stock pyfuse3 each is left off and the daemon works as before.
+BINDING_FEATURES: frozenset[str] = getattr(pyfuse3, "OVERLAYD_FEATURES", frozenset())
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -66,6 +70,8 @@ class Operations(pyfuse3.Operations):
     # the write requests (13% of an untar's requests), not the getxattr before each write(2).
     enable_writeback_cache = False
     enable_acl = False
+    # XATTR_CREATE/XATTR_REPLACE reach our setxattr, which copies up first, as the kernel does.
+    setxattr_flags = "setxattr_flags" in BINDING_FEATURES
 
     def __init__(self, overlay: Overlay) -> None:
         super().__init__()
@@ -293,8 +299,8 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     def setxattr(self, inode: int, name: bytes, value: bytes,
-                 ctx: pyfuse3.RequestContext) -> None:
-        self.overlay.setxattr(self.overlay.node(inode), name, value)
+                 ctx: pyfuse3.RequestContext, flags: int = 0) -> None:
+        self.overlay.setxattr(self.overlay.node(inode), name, value, flags)
 
     @fuse_op
     def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -303,6 +309,10 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     def write(self, fh: int, off: int, buf: bytes) -> int:
         return self.overlay.write(fh, off, buf)
+
+    @fuse_op
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        self.overlay.fallocate(fh, mode, offset, length)
 
     @fuse_op
     def fsync(self, fh: int, datasync: bool) -> None:

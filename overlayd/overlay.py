@@ -55,7 +55,13 @@ from overlayd.ondisk import (
     xattr_to_disk,
 )
 from overlayd.options import MountOptions
-from overlayd.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+from overlayd.syscalls import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    fallocate,
+    renameat2,
+)
 
 log = logging.getLogger(__name__)
 
@@ -985,7 +991,9 @@ class Overlay:
             _call_at(os.utime, target, ns=times)
         return self.stat(node)
 
-    def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+    def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
+        """As the kernel's ovl_xattr_set: copy up, then setxattr with *flags* (XATTR_CREATE,
+        XATTR_REPLACE) on the upper object, so a flagged call that fails has copied up."""
         disk = xattr_to_disk(name, self.xattr_format)
         if disk is None:
             raise OverlayError("private xattr", errno.EOPNOTSUPP)
@@ -993,7 +1001,7 @@ class Overlay:
             value = map_acl(value, self.opts.uidmap, self.opts.gidmap, to_disk=True)
         self._copy_up_named(node)
         node.xattr_names = None
-        self._xattr_call(os.setxattr, node, disk, value)
+        self._xattr_call(os.setxattr, node, disk, value, flags)
 
     def removexattr(self, node: Node, name: bytes) -> None:
         disk = xattr_to_disk(name, self.xattr_format)
@@ -1006,6 +1014,10 @@ class Overlay:
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
         return os.pwrite(self.handle(fh).fd, data, offset)
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        # The kernel only sends it for a file open for writing, which open copied up.
+        fallocate(self.handle(fh).fd, mode, offset, length)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         fd = self.handle(fh).fd

@@ -1,4 +1,4 @@
-"""System calls Python's os module lacks: renameat2 with its flags."""
+"""System calls Python's os module lacks: renameat2 with its flags, fallocate with its mode."""
 
 from __future__ import annotations
 
@@ -22,3 +22,15 @@ def renameat2(src_dir_fd: int, src: bytes, dst_dir_fd: int, dst: bytes, flags: i
     if _renameat2(src_dir_fd, src, dst_dir_fd, dst, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), src, None, dst)
+
+
+_fallocate = _libc.fallocate64
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2), FALLOC_FL_* *mode* and all (os.posix_fallocate has none); raises OSError."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

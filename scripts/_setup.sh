@@ -11,8 +11,15 @@ VENV=$REPO/.venv
 VENV_STAMP=$VENV/.overlayd-installed
 
 # fuse3: fusermount3 and mount.fuse3; libfuse3-dev + pkg-config: pyfuse3's build;
-# attr: getfattr/setfattr, used by the tests and handy for looking at whiteouts.
-OVERLAYD_DEB_PACKAGES=(fuse3 libfuse3-dev pkg-config attr systemd strace)  # systemd-analyze; strace for the fsync tests
+# attr: getfattr/setfattr, used by the tests and handy for looking at whiteouts;
+# patch: applies our pyfuse3 patch (setup_binding).
+OVERLAYD_DEB_PACKAGES=(fuse3 libfuse3-dev pkg-config attr patch systemd strace)  # systemd-analyze; strace for the fsync tests
+
+# pyfuse3, built from its sdist with scripts/pyfuse3-$PYFUSE3_VERSION.patch (what it adds is at the
+# top of the patch). The local version names the patch's hash, so a changed patch is rebuilt.
+PYFUSE3_VERSION=3.5.0
+PYFUSE3_SHA256=88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24
+PYFUSE3_PATCH=$REPO/scripts/pyfuse3-$PYFUSE3_VERSION.patch
 OVERLAYD_MIN_PYTHON=(3 11)
 
 setup_say() { printf '==> %s\n' "$*"; }
@@ -102,11 +109,36 @@ setup_venv() {
             "overlayd needs >= 3.11: remove $VENV and rerun"
         return
     fi
+    setup_binding || return
     if [[ ! -e $VENV_STAMP || $REPO/pyproject.toml -nt $VENV_STAMP || ! -x $VENV/bin/overlayd ]]; then
         setup_say "installing overlayd and its test tools into $VENV (pip install -e '.[test]')"
         "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "${REPO}[test]" || return
         touch "$VENV_STAMP"
     fi
+}
+
+# The patched pyfuse3 in the venv, unless it is there already.
+setup_binding() {
+    local want have tmp rc=0
+    want=$PYFUSE3_VERSION+overlayd.$(sha256sum "$PYFUSE3_PATCH" | cut -c1-12)
+    have=$("$VENV/bin/python" -c 'import importlib.metadata as m; print(m.version("pyfuse3"))' \
+        2>/dev/null) || have=""
+    [[ $have == "$want" ]] && return 0
+    setup_say "building pyfuse3 $want (pyfuse3 $PYFUSE3_VERSION with scripts/${PYFUSE3_PATCH##*/})"
+    tmp=$(mktemp -d -t overlayd-pyfuse3.XXXXXX) || return
+    (
+        set -e
+        cd "$tmp"
+        "$VENV/bin/python" -m pip download -q --disable-pip-version-check --no-deps \
+            --no-binary :all: -d . "pyfuse3==$PYFUSE3_VERSION"
+        echo "$PYFUSE3_SHA256  pyfuse3-$PYFUSE3_VERSION.tar.gz" | sha256sum -c --quiet
+        tar xzf "pyfuse3-$PYFUSE3_VERSION.tar.gz"
+        patch -s -p1 -d "pyfuse3-$PYFUSE3_VERSION" <"$PYFUSE3_PATCH"
+        SETUPTOOLS_SCM_PRETEND_VERSION=$want "$VENV/bin/python" -m pip install -q \
+            --disable-pip-version-check "./pyfuse3-$PYFUSE3_VERSION"
+    ) || rc=$?
+    rm -rf "$tmp"
+    ((rc == 0)) || setup_die "could not build the patched pyfuse3 (exit $rc)"
 }
 
 setup_fuse_device() {

@@ -11,10 +11,10 @@ place: each normaliser below erases exactly one of them from a snapshot before c
    such a directory raw, ovl_dir_is_real) while its lookup denies it; overlayd lists no name its
    lookup denies (tests/test_fuzz_regressions.py shows both; the fuzzer's stacks avoid it).
 
-Known gap (not deliberate; a strict xfail in tests/test_fuzz_regressions.py, exempted in the
-fuzzer where it would otherwise end most examples): a failing setxattr with
-XATTR_CREATE/XATTR_REPLACE copies up in the kernel and not in overlayd, because pyfuse3 answers
-those flags itself without calling the filesystem's setxattr.
+Known gap with a stock pyfuse3 only (not deliberate; a strict xfail in
+tests/test_fuzz_regressions.py and exempted in the fuzzer when the binding lacks our patch): a
+failing setxattr with XATTR_CREATE/XATTR_REPLACE copies up in the kernel and not in overlayd,
+because stock pyfuse3 answers those flags itself without calling the filesystem's setxattr.
 """
 
 from __future__ import annotations

@@ -259,7 +259,10 @@ def test_mount_fstype_reads_escaped_and_non_latin1_points(monkeypatch: pytest.Mo
 
 
 def test_main_version(capsys: pytest.CaptureFixture[str]) -> None:
-    assert run_main(capsys, ["--version"]) == (0, f"overlayd {__version__}\n", "")
+    binding = cli.binding_version()
+    assert run_main(capsys, ["--version"]) == (0, f"overlayd {__version__}\n{binding}\n", "")
+    # scripts/setup builds the patched binding: a stock one here means the setup went wrong.
+    assert binding.endswith("(overlayd's patch: fallocate, opendir_fileinfo, setxattr_flags)")
 
 
 def test_main_help(capsys: pytest.CaptureFixture[str]) -> None:
