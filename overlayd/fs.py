@@ -7,6 +7,7 @@ runs in the trio thread without awaiting: the core is synchronous and the fast p
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -149,27 +150,33 @@ class Operations(pyfuse3.Operations):
     # -- directories -------------------------------------------------------------------------
 
     @fuse_op
-    def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT:
-        return pyfuse3.FileHandleT(self.overlay.opendir(self.overlay.node(inode)))
+    def opendir(self, inode: int,
+                ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT | pyfuse3.FileInfo:
+        fh = pyfuse3.FileHandleT(self.overlay.opendir(self.overlay.node(inode)))
+        if "opendir_fileinfo" not in BINDING_FEATURES:
+            return fh
+        # The kernel keeps the listing in the directory's page cache (FOPEN_CACHE_DIR) across
+        # opens (FOPEN_KEEP_CACHE): a directory changes only through us, and every change
+        # through FUSE (create, unlink, rename...) drops that cache in the kernel itself.
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, cache_readdir=True)
 
     @fuse_op
     def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         ov = self.overlay
-        dh = ov.dir_handle(fh)
-        parent = dh.node
-        # Offsets: 1 and 2 are "." and "..", entry i of the snapshot is i + 3.
+        parent, cookies, names = ov.listing(fh)
+        # Offsets: 1 and 2 are "." and "..", every other name has its cookie (Overlay.listing).
         # "." and ".." are not counted as lookups (the kernel does not link them).
         for offset, node in ((1, parent), (2, parent.parent or parent)):
             if start_id < offset and not pyfuse3.readdir_reply(
                     token, b"." * offset, self._entry(node, ov.stat(node)), offset):
                 return
-        for index in range(max(start_id - 2, 0), len(dh.names)):
-            name = dh.names[index]
+        for index in range(bisect.bisect_right(cookies, start_id), len(names)):
+            name = names[index]
             hit = ov.lookup(parent, name)
             if hit is None:
-                continue  # gone since opendir
+                continue  # gone since it was listed
             node, st = hit
-            if not pyfuse3.readdir_reply(token, name, self._entry(node, st), index + 3):
+            if not pyfuse3.readdir_reply(token, name, self._entry(node, st), cookies[index]):
                 return
             ov.remember(node)  # readdir_reply accepted it: the kernel counts one lookup
 

@@ -20,8 +20,9 @@ ROOT_INODE = 1  # FUSE's fixed root node id (pyfuse3.ROOT_INODE), kept here for 
 class Node:
     """An object of the merged tree."""
 
-    __slots__ = ("aliases", "cache", "fds", "final_st", "ino", "is_dir", "layers",
-                 "locations", "lookups", "name", "parent", "unlinked", "xattr_names")
+    __slots__ = ("aliases", "cache", "cookies", "fds", "final_st", "ino", "is_dir", "layers",
+                 "locations", "lookups", "name", "next_cookie", "parent", "unlinked",
+                 "xattr_names")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, layers: tuple[int, ...],
                  is_dir: bool) -> None:
@@ -48,6 +49,12 @@ class Node:
         self.xattr_names: frozenset[bytes] | None = None
         # Layers where a redirect puts this directory elsewhere than parent/name.
         self.locations: dict[int, Location] = {}
+        # A directory's readdir offsets: each name listed gets the next cookie and keeps it while
+        # it stays in the directory, so an offset means the same in every listing, taken by any
+        # handle at any time (the kernel's directory cache joins replies to different handles
+        # at matching offsets). 1 and 2 are "." and "..".
+        self.cookies: dict[bytes, int] = {}
+        self.next_cookie = 3
 
     def add_alias(self, parent: Node, name: bytes) -> None:
         if (parent is not self.parent or name != self.name) and not any(

@@ -82,6 +82,8 @@ class DirCache:
     # Once listed: layer index -> every name its real directory holds (whiteouts included),
     # so that resolving a name probes only the layers that have it.
     layer_names: dict[int, set[bytes]] | None = None
+    # Once read: the listing in readdir order, the names' cookies (Node.cookies) ascending.
+    ordered: tuple[list[int], list[bytes]] | None = None
 
 
 Place = tuple[tuple[int, ...], int, tuple[tuple[int, Location], ...]]

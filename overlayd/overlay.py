@@ -85,10 +85,9 @@ class Handle:
 
 @dataclass
 class DirHandle:
-    """An open directory: the merged listing snapshotted at opendir."""
+    """An open directory."""
 
     node: Node
-    names: list[bytes]
 
 
 def open_layers(opts: MountOptions) -> list[Layer]:
@@ -530,14 +529,37 @@ class Overlay:
         return cache.names
 
     def opendir(self, node: Node) -> int:
+        dh = self._next_fh
+        self._next_fh += 1
+        self.dir_handles[dh] = DirHandle(node)
+        return dh
+
+    def listing(self, dh: int) -> tuple[Node, list[int], list[bytes]]:
+        """The directory open as *dh*, and its entries now: cookies ascending, and names.
+
+        A read from offset N serves the names whose cookie is above N, from the listing as it is
+        when the read is served, not a snapshot of opendir: the kernel keeps listings in its
+        page cache (FOPEN_CACHE_DIR), filled by the reads of any handle at the offset the cache
+        has reached, and drops them when the directory changed after it began filling them.
+        So each part must be at least as new as that beginning, and an offset must mean the
+        same to every handle: a name that stays keeps its place, a new one goes last."""
+        node = self.dir_handle(dh).node
         cache = node.cache
         if cache is None:
             cache = node.cache = DirCache()
-        names = self._list(node, cache)
-        dh = self._next_fh
-        self._next_fh += 1
-        self.dir_handles[dh] = DirHandle(node, names)
-        return dh
+        if cache.ordered is None:
+            names = self._list(node, cache)
+            old, cookies = node.cookies, {}
+            for name in names:
+                cookie = old.get(name)
+                if cookie is None:
+                    cookie = node.next_cookie
+                    node.next_cookie += 1
+                cookies[name] = cookie
+            node.cookies = cookies  # names gone since lose theirs: a new one is never reused
+            entries = sorted(zip(cookies.values(), cookies.keys(), strict=True))
+            cache.ordered = ([c for c, _ in entries], [n for _, n in entries])
+        return node, *cache.ordered
 
     def dir_handle(self, dh: int) -> DirHandle:
         try:

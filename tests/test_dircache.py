@@ -50,17 +50,21 @@ def build_lowers(root: Path) -> tuple[Path, Path, Path, Path]:
     return lower1, lower2, upper, work
 
 
+def listed(ov: Overlay, node: Node) -> list[bytes]:
+    """The names a read of *node* from the start gets, through an open handle."""
+    dh = ov.opendir(node)
+    try:
+        return list(ov.listing(dh)[2])
+    finally:
+        ov.releasedir(dh)
+
+
 def view(ov: Overlay) -> View:
     """Every path of the merged tree: (type, permission bits, bytes or link target)."""
     out: View = {}
 
     def walk(node: Node, prefix: bytes) -> None:
-        dh = ov.opendir(node)
-        try:
-            names = list(ov.dir_handle(dh).names)
-        finally:
-            ov.releasedir(dh)
-        for name in names:
+        for name in listed(ov, node):
             hit = ov.lookup(node, name)
             assert hit is not None, (prefix, name)
             child, st_ = hit
@@ -194,7 +198,7 @@ def test_negative_entry_forgotten_by_create(layers: tuple[Path, Path, Path, Path
     ov = Overlay(opts, open_layers(opts))
     try:
         root = ov.table.root
-        ov.releasedir(ov.opendir(root))  # listed: the cache knows every name
+        listed(ov, root)  # the cache knows every name
         assert ov.lookup(root, b"new") is None
         handle, node, _ = ov.create(root, b"new", 0o644, os.O_WRONLY, OWNER)
         ov.remember(node)
@@ -202,9 +206,7 @@ def test_negative_entry_forgotten_by_create(layers: tuple[Path, Path, Path, Path
         hit = ov.lookup(root, b"new")
         assert hit is not None
         assert hit[0] is node
-        dh = ov.opendir(root)
-        assert b"new" in ov.dir_handle(dh).names
-        ov.releasedir(dh)
+        assert b"new" in listed(ov, root)
     finally:
         ov.close()
 
@@ -246,5 +248,36 @@ def test_deep_stack_lookups_list_once_and_agree_with_probing(
         assert d.layers == (0, 1, 2, 3, 4)
         shown = [ov.lookup(d, b"x%d" % k) is not None for k in range(10)]
         assert shown == [k <= 4 for k in range(10)]
+    finally:
+        ov.close()
+
+
+def test_readdir_cookies_stay_with_their_names(layers: tuple[Path, Path, Path, Path]) -> None:
+    """An offset means the same in every listing of a directory (the kernel's directory cache
+    joins reads of different handles at matching offsets): a name keeps its cookie while it
+    stays, a new name and a name made anew get higher ones, so they are listed last."""
+    lower1, lower2, upper, work = layers
+    opts = parse_options([f"lowerdir={lower1}:{lower2},upperdir={upper},workdir={work}"])
+    ov = Overlay(opts, open_layers(opts))
+    try:
+        root = ov.table.root
+        dh = ov.opendir(root)
+        _, cookies, names = ov.listing(dh)
+        before = dict(zip(names, cookies, strict=True))
+        assert sorted(names) == [b"a", b"d", b"e"]
+        assert cookies == sorted(cookies) and cookies[0] == 3  # 1 and 2: "." and ".."
+        handle, node, _ = ov.create(root, b"0new", 0o644, os.O_WRONLY, OWNER)
+        ov.release(handle.fh)
+        ov.unlink(root, b"a")
+        _, cookies, names = ov.listing(dh)
+        after = dict(zip(names, cookies, strict=True))
+        assert after == {**{n: c for n, c in before.items() if n != b"a"},
+                         b"0new": max(before.values()) + 1}
+        assert names[-1] == b"0new"  # last, though it sorts first
+        handle, node, _ = ov.create(root, b"a", 0o644, os.O_WRONLY, OWNER)
+        ov.release(handle.fh)
+        _, cookies, names = ov.listing(ov.opendir(root))
+        assert names[-2:] == [b"0new", b"a"]
+        assert cookies[-1] == max(before.values()) + 2  # a made anew: a new cookie
     finally:
         ov.close()
