@@ -265,8 +265,9 @@ def test_readdir_cookies_stay_with_their_names(layers: tuple[Path, Path, Path, P
         _, cookies, names = ov.listing(dh)
         before = dict(zip(names, cookies, strict=True))
         assert sorted(names) == [b"a", b"d", b"e"]
-        assert cookies == sorted(cookies) and cookies[0] == 3  # 1 and 2: "." and ".."
-        handle, node, _ = ov.create(root, b"0new", 0o644, os.O_WRONLY, OWNER)
+        assert cookies == sorted(cookies)
+        assert cookies[0] == 3  # 1 and 2: "." and ".."
+        handle, _, _ = ov.create(root, b"0new", 0o644, os.O_WRONLY, OWNER)
         ov.release(handle.fh)
         ov.unlink(root, b"a")
         _, cookies, names = ov.listing(dh)
@@ -274,7 +275,7 @@ def test_readdir_cookies_stay_with_their_names(layers: tuple[Path, Path, Path, P
         assert after == {**{n: c for n, c in before.items() if n != b"a"},
                          b"0new": max(before.values()) + 1}
         assert names[-1] == b"0new"  # last, though it sorts first
-        handle, node, _ = ov.create(root, b"a", 0o644, os.O_WRONLY, OWNER)
+        handle, _, _ = ov.create(root, b"a", 0o644, os.O_WRONLY, OWNER)
         ov.release(handle.fh)
         _, cookies, names = ov.listing(ov.opendir(root))
         assert names[-2:] == [b"0new", b"a"]

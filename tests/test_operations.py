@@ -204,3 +204,10 @@ async def test_create_owned_by_caller(ops: Operations, tmp_path: Path) -> None:
     assert (st.st_uid, st.st_gid) == (4321, 8765)
     await ops.release(info.fh)
     await ops.forget([(attr.st_ino, 1)])
+
+
+async def test_flush_is_not_implemented(ops: Operations) -> None:
+    """ENOSYS to FLUSH makes the kernel stop sending it: one request fewer per close(2)."""
+    with pytest.raises(pyfuse3.FUSEError) as excinfo:
+        await ops.flush(pyfuse3.FileHandleT(1))
+    assert excinfo.value.errno == errno.ENOSYS
