@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 # Kernel cache lifetimes (seconds). Every change to the merged view passes through the daemon
 # (lower layers are immutable by the overlayfs contract, and the upper belongs to the mount), so
 # the kernel may cache entries and attributes for a long time; we invalidate what we change.
@@ -61,3 +63,5 @@ WHITEOUT_PROBE = b"#overlayd.whiteout-probe"  # a leftover is cleaned (copyup.TE
 
 FSNAME = "overlayd"
 FUSE_SUBTYPE = "overlayd"
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")  # the kernel's page cache works in these

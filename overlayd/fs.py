@@ -189,8 +189,20 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         handle = self.overlay.open(self.overlay.node(inode), flags)
-        # Changes only reach files through us, so cached pages stay valid across opens.
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fh), keep_cache=True)
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fh),
+                                keep_cache=self._keep_cache(handle.node))
+
+    @staticmethod
+    def _keep_cache(node: Node) -> bool:
+        """Whether the kernel keeps the file's cached pages at this open. Changes reach files
+        only through us, so cached pages stay valid across opens; but after a write that began
+        or ended inside a page (tar writes 10 KiB records, echo a few bytes) the kernel holds
+        that page not up to date and would read each such page in a request of its own. Dropping
+        the cache once makes it read the file in readahead-sized requests instead."""
+        if node.partial_pages:
+            node.partial_pages = False
+            return False
+        return True
 
     @fuse_op
     def read(self, fh: int, off: int, size: int) -> bytes:

@@ -22,6 +22,7 @@ from overlayd.constants import (
     INO_XATTRS,
     LINK_INO_BASE,
     OPAQUE_XATTRS,
+    PAGE_SIZE,
     REDIRECT_XATTRS,
     SYNTHETIC_INO_BASE,
     TRUSTED_PROBE,
@@ -1035,7 +1036,10 @@ class Overlay:
         self._xattr_call(os.removexattr, node, disk)
 
     def write(self, fh: int, offset: int, data: bytes) -> int:
-        return os.pwrite(self.handle(fh).fd, data, offset)
+        handle = self.handle(fh)
+        if (offset | len(data)) % PAGE_SIZE:
+            handle.node.partial_pages = True
+        return os.pwrite(handle.fd, data, offset)
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         # The kernel only sends it for a file open for writing, which open copied up.

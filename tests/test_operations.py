@@ -211,3 +211,23 @@ async def test_flush_is_not_implemented(ops: Operations) -> None:
     with pytest.raises(pyfuse3.FUSEError) as excinfo:
         await ops.flush(pyfuse3.FileHandleT(1))
     assert excinfo.value.errno == errno.ENOSYS
+
+
+@pytest.mark.parametrize(("offset", "size", "keep"), [
+    (0, 4096, True),  # whole pages: the kernel's cached copy is complete
+    (0, 4096 * 3, True),
+    (0, 10240, False),  # tar's records end inside a page
+    (5, 4091, False),  # starts inside one
+])
+async def test_open_drops_cached_pages_after_a_partial_page_write(
+        ops: Operations, offset: int, size: int, keep: bool) -> None:
+    f = await ops.lookup(ROOT_INODE, b"f", CTX)
+    writer = await ops.open(f.st_ino, os.O_WRONLY, CTX)
+    assert writer.keep_cache
+    await ops.write(writer.fh, offset, b"x" * size)
+    reader = await ops.open(f.st_ino, os.O_RDONLY, CTX)
+    assert reader.keep_cache is keep
+    again = await ops.open(f.st_ino, os.O_RDONLY, CTX)
+    assert again.keep_cache  # dropped once: the kernel then reads whole pages and keeps them
+    for fh in (writer.fh, reader.fh, again.fh):
+        await ops.release(fh)
