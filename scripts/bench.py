@@ -103,6 +103,12 @@ CMD_WRITE = 'dd if=/dev/zero of="$ROOT/write.out" bs=1M count="$N" conv=fsync st
 CMD_READBIG = 'dd if="$ROOT/bench/big.bin" of=/dev/null bs=1M status=none'
 CMD_RM = 'rm -rf "$ROOT/rootfs/usr/share/doc"'
 CMD_LOOKUPS = "find \"$ROOT\" -printf '%s\\n' | cat > /dev/null"
+# One FUSE request per call, nothing else: what a request costs each target, end to end.
+CMD_REQ_GETXATTR = ('python3 -c \'import os, sys\nfor _ in range(int(sys.argv[2])):\n'
+                    '    try: os.getxattr(sys.argv[1], "user.missing")\n'
+                    '    except OSError: pass\' "$ROOT/bench/big.bin" "$N"')
+CMD_REQ_OPEN = ('python3 -c \'import os, sys\nfor _ in range(int(sys.argv[2])):\n'
+                '    os.close(os.open(sys.argv[1], os.O_RDONLY))\' "$ROOT/bench/big.bin" "$N"')
 CMD_DEEP_STAT = 'cd "$ROOT/deep" && xargs stat -c %s < "$DATA/deep.list" | cat > /dev/null'
 
 
@@ -657,6 +663,8 @@ ROWS = [
     Row("write", "sequential write + fsync", goal="<= 1.0", goal_ratio=1.0),
     Row("readbig", "read the big lower file, cold", goal="<= 1.0", goal_ratio=1.0),
     Row("rm", "rm -rf of a lower subtree", goal="<= 0.7", goal_ratio=0.7),
+    Row("req_getxattr", "getxattr of a missing xattr, N times (1 request each)"),
+    Row("req_open", "open + close, N times (2 or 3 requests each)"),
     Row("peak_rss", "daemon peak RSS (VmHWM, max)", unit="MiB"),
     Row("rss_lookups", "RSS after the lookups", unit="MiB", goal="<= 150 MiB"),
     Row("rss_forget", "RSS after the kernel forgot", unit="MiB", goal="falls back"),
@@ -681,6 +689,9 @@ WORKLOADS = [
     Workload("write", (Step("write", CMD_WRITE),), plain_scratch, lambda s: s.write_mib),
     Workload("readbig", (Step("readbig", CMD_READBIG, cold=True),), plain_lower),
     Workload("rm", (Step("rm", CMD_RM),), plain_rm),
+    Workload("requests", (Step(None, CMD_REQ_GETXATTR), Step("req_getxattr", CMD_REQ_GETXATTR),
+                          Step("req_open", CMD_REQ_OPEN)), plain_lower,
+             lambda s: 4 * s.create_files),
 ]
 EXTRAS = ("lookups", "layers")  # FUSE targets only
 WORKLOAD_NAMES = tuple(dict.fromkeys([w.name for w in WORKLOADS] + list(EXTRAS)))
