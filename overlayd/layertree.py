@@ -62,30 +62,44 @@ class Entry:
         return self.parts[-1]
 
 
-def entries(dir_fd: int, parts: tuple[bytes, ...] = (), fmt: XattrFormat = ALL_FORMATS
+def entries(dir_fd: int, parts: tuple[bytes, ...] = (), fmt: XattrFormat = ALL_FORMATS,
+            onerror: Callable[[tuple[bytes, ...], OSError], None] | None = None
             ) -> Iterator[Entry]:
     """The objects of the one directory *dir_fd* (reached by *parts*), names in byte order.
     ``.wh..wh..opq`` is not an entry: it makes its directory opaque. A ``.wh.NAME`` file is a
-    WHITEOUT entry named NAME."""
+    WHITEOUT entry named NAME. With *onerror*, an entry that cannot be read (its stat, or a
+    directory's marks) is reported to it with its parts and left out; the others still come."""
     for disk_name in sorted(os.fsencode(n) for n in os.listdir(dir_fd)):
         if disk_name == OPAQUE_MARKER:
             continue
         try:
-            st = os.stat(disk_name, dir_fd=dir_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            continue  # removed while listed
-        if disk_name.startswith(WHITEOUT_PREFIX):
-            target = disk_name[len(WHITEOUT_PREFIX):]
-            yield Entry((*parts, target), Kind.WHITEOUT, st, dir_fd, disk_name, oci=True)
-        elif is_whiteout(st):
-            yield Entry((*parts, disk_name), Kind.WHITEOUT, st, dir_fd, disk_name)
-        elif stat.S_ISDIR(st.st_mode):
-            opaque, redirect = _marks(dir_fd, disk_name, fmt)
-            oci = opaque and os.path.lexists(fd_path(dir_fd, disk_name) + b"/" + OPAQUE_MARKER)
-            yield Entry((*parts, disk_name), Kind.DIR, st, dir_fd, disk_name, opaque, redirect,
-                        oci)
-        else:
-            yield Entry((*parts, disk_name), Kind.OTHER, st, dir_fd, disk_name)
+            entry = _entry(dir_fd, parts, disk_name, fmt)
+        except OSError as e:
+            if onerror is None:
+                raise
+            onerror((*parts, disk_name), e)
+            continue
+        if entry is not None:
+            yield entry
+
+
+def _entry(dir_fd: int, parts: tuple[bytes, ...], disk_name: bytes, fmt: XattrFormat
+           ) -> Entry | None:
+    try:
+        st = os.stat(disk_name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None  # removed while listed
+    if disk_name.startswith(WHITEOUT_PREFIX):
+        target = disk_name[len(WHITEOUT_PREFIX):]
+        return Entry((*parts, target), Kind.WHITEOUT, st, dir_fd, disk_name, oci=True)
+    if is_whiteout(st):
+        return Entry((*parts, disk_name), Kind.WHITEOUT, st, dir_fd, disk_name)
+    if stat.S_ISDIR(st.st_mode):
+        opaque, redirect = _marks(dir_fd, disk_name, fmt)
+        oci = opaque and os.path.lexists(fd_path(dir_fd, disk_name) + b"/" + OPAQUE_MARKER)
+        return Entry((*parts, disk_name), Kind.DIR, st, dir_fd, disk_name, opaque, redirect,
+                     oci)
+    return Entry((*parts, disk_name), Kind.OTHER, st, dir_fd, disk_name)
 
 
 def walk(root_fd: int, fmt: XattrFormat = ALL_FORMATS, parts: tuple[bytes, ...] = (),
@@ -93,10 +107,10 @@ def walk(root_fd: int, fmt: XattrFormat = ALL_FORMATS, parts: tuple[bytes, ...] 
          ) -> Iterator[Entry]:
     """Every object below the directory *root_fd*, parents before children, names in byte order
     in each directory (as Go's filepath.Walk, which docker diff uses); see :func:`entries`.
-    Symlinks are never followed. With *onerror*, a directory that cannot be read is reported
-    to it (with its parts) and the walk goes on without it, instead of failing."""
+    Symlinks are never followed. With *onerror*, a directory or an entry that cannot be read
+    is reported to it (with its parts) and the walk goes on without it, instead of failing."""
     try:
-        for entry in entries(root_fd, parts, fmt):
+        for entry in entries(root_fd, parts, fmt, onerror):
             yield entry
             if entry.kind is not Kind.DIR:
                 continue

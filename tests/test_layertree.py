@@ -111,6 +111,7 @@ def test_stack_follows_redirects(tmp_path: Path) -> None:
 def test_walk_reports_unreadable_directories_and_goes_on(tmp_path: Path) -> None:
     (tmp_path / "d/bad").mkdir(parents=True)
     os.setxattr(tmp_path / "d/bad", "user.overlay.redirect", b"..")  # the kernel: EACCES
+    (tmp_path / "d/ok").write_bytes(b"after the bad one, in the same directory")
     (tmp_path / "z").write_bytes(b"z")
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -121,5 +122,5 @@ def test_walk_reports_unreadable_directories_and_goes_on(tmp_path: Path) -> None
             (parts, e.errno)))]
     finally:
         os.close(fd)
-    assert paths == [b"/d", b"/z"]
-    assert errors == [((b"d",), errno.EACCES)]
+    assert paths == [b"/d", b"/d/ok", b"/z"]  # only the entry that cannot be read is left out
+    assert errors == [((b"d", b"bad"), errno.EACCES)]
