@@ -21,6 +21,7 @@ from tests.test_kernel_fuzz import (
     OverlayPair,
     build_layer,
     layer_statements,
+    listing,
     plan_layer,
     readdir_problems,
 )
@@ -163,3 +164,20 @@ def test_readdir_problems_holds_a_listing_to_what_posix_promises() -> None:
     assert readdir_problems([b".", b"a"], [before, after]) == ["b'..' given 0 times"]
     assert readdir_problems([*dots, b"a", b"z"], [before, after]) == ["b'z' given, never there"]
     assert readdir_problems([], [before, None]) == []  # the directory is gone: nothing promised
+
+
+def test_listing_of_a_removed_directory_is_none(tmp_path: Path) -> None:
+    """A directory removed while open still opens through /proc and lists as empty (no "."
+    or ".." either): listing must say it is gone, or readdir_problems holds that empty read to
+    what the directory promised (the soak with seed 20261202 failed on the kernel that way)."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d/x").write_bytes(b"")
+    fd = os.open(tmp_path / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert listing(fd) == {b"x": os.stat(tmp_path / "d/x").st_ino}
+        os.unlink(tmp_path / "d/x")
+        os.rmdir(tmp_path / "d")
+        assert os.listdir(f"/proc/self/fd/{fd}") == []
+        assert listing(fd) is None
+    finally:
+        os.close(fd)
