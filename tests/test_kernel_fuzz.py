@@ -317,15 +317,18 @@ def inode_numbers(root: Path) -> dict[bytes, int]:
 def listing(dir_fd: int) -> dict[bytes, int] | None:
     """The names in the open directory *dir_fd*, now, with their st_ino (read through a new
     open file, so *dir_fd*'s position stays where it is); None if it is gone. A removed
-    directory still opens through /proc and lists as empty, with no "." or "..": its nlink 0
-    tells it apart."""
+    directory still opens through /proc and lists as empty, with no "." or "..": the
+    " (deleted)" the kernel adds to its /proc link tells it apart (its nlink does not: a
+    merged directory of the kernel's overlay reports 1, removed or not)."""
+    link = f"/proc/self/fd/{dir_fd}"
     try:
-        fd = os.open(f"/proc/self/fd/{dir_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(link, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        if os.readlink(link).endswith(" (deleted)"):
+            os.close(fd)
+            return None
     except OSError:
         return None
     try:
-        if os.fstat(fd).st_nlink == 0:
-            return None
         names = os.listdir(fd)
         return {os.fsencode(n): os.stat(n, dir_fd=fd, follow_symlinks=False).st_ino
                 for n in names}
