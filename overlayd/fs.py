@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # What overlayd's patch to pyfuse3 adds (scripts/pyfuse3-3.5.0.patch, built by scripts/setup);
 # with a stock pyfuse3 each is left off and the daemon works as before.
 BINDING_FEATURES: frozenset[str] = getattr(pyfuse3, "OVERLAYD_FEATURES", frozenset())
+CACHE_READDIR = "opendir_fileinfo" in BINDING_FEATURES  # decided once, not at every opendir
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -153,7 +154,7 @@ class Operations(pyfuse3.Operations):
     def opendir(self, inode: int,
                 ctx: pyfuse3.RequestContext) -> pyfuse3.FileHandleT | pyfuse3.FileInfo:
         fh = pyfuse3.FileHandleT(self.overlay.opendir(self.overlay.node(inode)))
-        if "opendir_fileinfo" not in BINDING_FEATURES:
+        if not CACHE_READDIR:
             return fh
         # The kernel keeps the listing in the directory's page cache (FOPEN_CACHE_DIR) across
         # opens (FOPEN_KEEP_CACHE): a directory changes only through us, and every change
