@@ -51,6 +51,7 @@ PINNED = {
     "uuid": frozenset({"on", "off", "null", "auto"}),
 }
 REDIRECT_DIR_VALUES = ("follow", "nofollow", "off", "on")
+BUSY_POLL_MAX = 100_000  # microseconds: a tenth of a second of spinning is already absurd
 # Known, but not implemented yet: refused with a clear message rather than ignored.
 NOT_YET = frozenset({
     "ino32_t", "xattr_permissions",
@@ -75,6 +76,9 @@ class MountOptions:
     # fuse-overlayfs's uidmapping=/gidmapping=/squash_to_*: see overlayd.idmap.
     uidmap: IdMap = IDENTITY
     gidmap: IdMap = IDENTITY
+    # busy_poll=N: microseconds the daemon spins for the next request before it sleeps (0:
+    # never); None: the daemon's default (overlayd.daemon.busy_poll_us).
+    busy_poll: int | None = None
 
     @property
     def squashed(self) -> bool:
@@ -184,6 +188,7 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
     squash_root = False
     squash_uid: int | None = None
     squash_gid: int | None = None
+    busy_poll: int | None = None
     ignored: list[str] = []
     for text in option_strings:
         for item in _split_options(text):
@@ -216,6 +221,10 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 fsync = False
             elif key == "fsync" and value in ("0", "1"):
                 fsync = value == "1"
+            elif key == "busy_poll" and has_value:
+                if not (value.isascii() and value.isdigit()) or int(value) > BUSY_POLL_MAX:
+                    raise UsageError(f"option {item!r}: takes microseconds, 0 to {BUSY_POLL_MAX}")
+                busy_poll = int(value)
             elif key == "xattr_permissions" and value == "0":
                 ignored.append(item)  # fuse-overlayfs's default: xattrs carry no permissions
             elif key == "redirect_dir":
@@ -273,7 +282,8 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
     gidmap = IdMap(gid_ranges, squash_gid if squash_gid is not None else
                    0 if squash_root else None)
     return MountOptions(lowers, upper, work, frozenset(fuse), read_only, fsync, static_nlink,
-                        redirect_dir or "off", userxattr, uidmap, gidmap, tuple(ignored))
+                        redirect_dir or "off", userxattr, uidmap, gidmap, busy_poll,
+                        tuple(ignored))
 
 
 def _is_within(inner: bytes, outer: bytes) -> bool:

@@ -6,10 +6,12 @@ import errno
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
+from overlayd.daemon import BUSY_POLL_US
 from tests.conftest import needs_fuse
 from tests.mounting import (
     READY_TIMEOUT,
@@ -97,6 +99,42 @@ def test_signal_unmounts_and_exits_zero(stack: dict[str, Path], signum: int) -> 
         daemon.proc.send_signal(signum)
         assert daemon.proc.wait(timeout=20) == 0
         assert mount_fstype(stack["mnt"]) is None
+
+
+@pytest.mark.parametrize("busy_poll", ["", ",busy_poll=0", ",busy_poll=2000"])
+def test_signal_under_load_unmounts_and_exits_zero(stack: dict[str, Path],
+                                                   busy_poll: str) -> None:
+    """The session loop serves a client that never pauses from one task, and leaves it to
+    trio only every few requests: the signal must still be heard, however it waits."""
+    (stack["lower1"] / "f").write_bytes(b"x")
+    opts = overlay_options([stack["lower1"]], stack["upper"], stack["work"]) + busy_poll
+    target = stack["mnt"] / "f"
+    stop = threading.Event()
+    served = [0]
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                os.getxattr(target, "user.missing")
+            except OSError as e:
+                if e.errno != errno.ENODATA:
+                    return  # unmounted: the name is gone from the empty directory below
+            served[0] += 1
+
+    with overlayd_mounted(stack["mnt"], opts) as daemon:
+        thread = threading.Thread(target=client)
+        thread.start()
+        try:
+            poll(lambda: served[0] >= 2000, 20, "the client's requests to be served")
+            daemon.proc.send_signal(signal.SIGTERM)
+            assert daemon.proc.wait(timeout=20) == 0
+        finally:
+            stop.set()
+            thread.join()
+        assert mount_fstype(stack["mnt"]) is None
+        default = BUSY_POLL_US if len(os.sched_getaffinity(0)) > 1 else 0
+        spin = busy_poll.partition("=")[2] or str(default)
+        assert f"spinning up to {spin} us for the next request" in daemon.log()
 
 
 def test_read_only_without_upper(stack: dict[str, Path]) -> None:

@@ -257,6 +257,21 @@ def test_fsync(items: str, fsync: bool) -> None:
     assert parse_options([f"lowerdir=/l,{items}"]).fsync is fsync
 
 
+@pytest.mark.parametrize(("items", "busy_poll"), [
+    ("", None), ("busy_poll=0", 0), ("busy_poll=50", 50), ("busy_poll=100000", 100000),
+    ("busy_poll=7,busy_poll=9", 9),
+])
+def test_busy_poll(items: str, busy_poll: int | None) -> None:
+    assert parse_options([f"lowerdir=/l,{items}"]).busy_poll == busy_poll
+
+
+@pytest.mark.parametrize("item", ["busy_poll", "busy_poll=", "busy_poll=-1", "busy_poll=x",
+                                  "busy_poll=100001", "busy_poll=\u0661"])
+def test_busy_poll_refused(item: str) -> None:
+    with pytest.raises(UsageError, match="busy_poll"):
+        parse_options([f"lowerdir=/l,{item}"])
+
+
 def test_options_are_frozen() -> None:
     opts = parse_options(["lowerdir=/l"])
     with pytest.raises(AttributeError):
