@@ -67,9 +67,12 @@ def fuse_op(
 
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = True
-    # Off: with the kernel's writeback cache the kernel keeps mtime itself and later sends it
-    # back, and the differential fuzzer caught a utime lost that way; it would have saved only
-    # the write requests (13% of an untar's requests), not the getxattr before each write(2).
+    # Off: with the kernel's writeback cache a write(2) returns before the upper file has the
+    # bytes, so a full upper fails the close(2) or the fsync instead of the write(2), as the
+    # kernel's overlay does (tests/test_reliability.py), and a daemon killed loses what was
+    # not written back. Tried (with the writes from the cache keeping the upper mtime, which
+    # the kernel owns then, and mtime-only setattrs after an unlink not copying up): it saved
+    # the write requests and the reads of grep -r after tar, but tar -x itself was no faster.
     enable_writeback_cache = False
     enable_acl = False
     # XATTR_CREATE/XATTR_REPLACE reach our setxattr, which copies up first, as the kernel does.
