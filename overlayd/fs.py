@@ -346,4 +346,4 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        self.overlay.fsyncdir(self.overlay.dir_handle(fh).node)
+        self.overlay.fsyncdir(self.overlay.dir_node(fh))

@@ -84,13 +84,6 @@ class Handle:
     layer: int
 
 
-@dataclass
-class DirHandle:
-    """An open directory."""
-
-    node: Node
-
-
 def open_layers(opts: MountOptions) -> list[Layer]:
     """Open the layers' roots, top first: the upper layer (if any), then the lowers."""
     paths = ([opts.upperdir] if opts.upperdir is not None else []) + list(opts.lowerdirs)
@@ -123,7 +116,7 @@ class Overlay:
         root.fds = {layer.index: layer.fd for layer in layers}
         self.table = InodeTable(root)
         self.handles: dict[int, Handle] = {}
-        self.dir_handles: dict[int, DirHandle] = {}
+        self.dir_handles: dict[int, Node] = {}  # open directories
         self._next_fh = 1
         # Real objects whose inode number is not the xino one: copied-up objects keep their
         # origin's (as the kernel's do), and numbers that do not fit or that a removed node
@@ -532,7 +525,7 @@ class Overlay:
     def opendir(self, node: Node) -> int:
         dh = self._next_fh
         self._next_fh += 1
-        self.dir_handles[dh] = DirHandle(node)
+        self.dir_handles[dh] = node
         return dh
 
     def listing(self, dh: int) -> tuple[Node, list[int], list[bytes]]:
@@ -544,7 +537,7 @@ class Overlay:
         has reached, and drops them when the directory changed after it began filling them.
         So each part must be at least as new as that beginning, and an offset must mean the
         same to every handle: a name that stays keeps its place, a new one goes last."""
-        node = self.dir_handle(dh).node
+        node = self.dir_node(dh)
         cache = node.cache
         if cache is None:
             cache = node.cache = DirCache()
@@ -562,7 +555,8 @@ class Overlay:
             cache.ordered = ([c for c, _ in entries], [n for _, n in entries])
         return node, *cache.ordered
 
-    def dir_handle(self, dh: int) -> DirHandle:
+    def dir_node(self, dh: int) -> Node:
+        """The directory open as *dh*."""
         try:
             return self.dir_handles[dh]
         except KeyError:

@@ -528,8 +528,8 @@ HANDLER_FAULTS = textwrap.dedent('''
 
     def dir_handle_of(name):
         def pick(self, dh, *args, **kwargs):
-            handle = self.dir_handles.get(dh)
-            return handle is not None and handle.node.name == name
+            node = self.dir_handles.get(dh)
+            return node is not None and node.name == name
         return pick
 
 
@@ -545,7 +545,7 @@ HANDLER_FAULTS = textwrap.dedent('''
            lambda self, old_parent, old_name, *args, **kwargs: old_name == b"boom-rename")
     inject("setattr", RecursionError, node_named(b"boom-setattr"))
     inject("opendir", RuntimeError, node_named(b"boom-opendir"))
-    inject("dir_handle", RuntimeError, dir_handle_of(b"boom-readdir"))
+    inject("dir_node", RuntimeError, dir_handle_of(b"boom-readdir"))
     inject("readlink", MemoryError, node_named(b"boom-link"))
     inject("getxattr", RuntimeError,
            lambda self, node, name, *args, **kwargs: name == b"user.boom")
@@ -590,7 +590,7 @@ def test_faults_in_handlers_answer_eio_and_the_daemon_serves_on(stack: dict[str,
         "rename": lambda: os.rename(mnt / "boom-rename", mnt / "renamed"),
         "setattr": lambda: os.chmod(mnt / "boom-setattr", 0o600),
         "opendir": lambda: os.listdir(mnt / "boom-opendir"),
-        "dir_handle": lambda: os.listdir(mnt / "boom-readdir"),
+        "dir_node": lambda: os.listdir(mnt / "boom-readdir"),
         "readlink": lambda: os.readlink(mnt / "boom-link"),
         "getxattr": lambda: os.getxattr(mnt / "plain", "user.boom"),
         "statfs": lambda: os.statvfs(mnt),
