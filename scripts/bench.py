@@ -6,8 +6,9 @@ Run through `scripts/bench` (as root, with the repository's .venv python). It
    scale, in the work directory (default /var/tmp/overlayd-bench), so that reruns reuse them;
 2. runs every workload on every target, interleaved (A B C D, then B C D A, ...), each
    repetition on a fresh upper layer and a fresh mount, with the page cache dropped for the cold
-   variants; the timed commands are the same shell commands on every target, timed with
-   time.perf_counter around the subprocess;
+   variants and before the workloads that create many files (Workload.creates); the timed
+   commands are the same shell commands on every target, timed with time.perf_counter around
+   the subprocess;
 3. prints the medians, the ratios overlayd / fuse-overlayfs and overlayd / kernel, and the
    machine's noise (a second fuse-overlayfs target against the first), writes JSON and, when
    matplotlib is importable, a PNG bar chart of the ratios, both outside the repository.
