@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +137,29 @@ def test_signal_under_load_unmounts_and_exits_zero(stack: dict[str, Path],
         default = BUSY_POLL_US if len(os.sched_getaffinity(0)) > 1 else 0
         spin = busy_poll.partition("=")[2] or str(default)
         assert f"spinning up to {spin} us for the next request" in daemon.log()
+
+
+def test_idle_daemon_stops_spinning(stack: dict[str, Path]) -> None:
+    """After a burst of requests the session loop spins and polls for the next one, then
+    sleeps in trio: a daemon left idle must use next to no CPU. A loop that never went back to
+    sleep (checked with a binding whose poll never gives up) takes some 0.3 s of each second
+    here with its 2 ms spin and 5 ms poll. A generous bound: this is about sleeping at all."""
+    (stack["lower1"] / "f").write_bytes(b"x")
+    opts = overlay_options([stack["lower1"]]) + ",busy_poll=2000"
+    with overlayd_mounted(stack["mnt"], opts) as daemon:
+        for _ in range(2000):
+            with contextlib.suppress(OSError):
+                os.getxattr(stack["mnt"] / "f", "user.missing")
+        before = process_cpu_seconds(daemon.proc.pid)
+        time.sleep(1.0)
+        idle = process_cpu_seconds(daemon.proc.pid) - before
+        assert idle < 0.1, f"the idle daemon used {idle:.2f} s of CPU in 1 s"
+
+
+def process_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_read_only_without_upper(stack: dict[str, Path]) -> None:
