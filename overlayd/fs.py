@@ -74,13 +74,22 @@ class Operations(pyfuse3.Operations):
     # the kernel owns then, and mtime-only setattrs after an unlink not copying up): it saved
     # the write requests and the reads of grep -r after tar, but tar -x itself was no faster.
     enable_writeback_cache = False
-    enable_acl = False
+    # POSIX ACLs: the kernel checks them (with default_permissions), as the kernel's overlay
+    # checks the real inode's; without this it checked the mode bits alone, and let through
+    # whom an ACL denied. The umask is then applied as the upper filesystem does it
+    # (Overlay.create's umask) ...
+    enable_acl = True
+    # ... and not even masked by the kernel first (FUSE_CAP_DONT_MASK, our patch): under a
+    # default ACL the umask does not apply. A stock pyfuse3 lacks it: the kernel masks first.
+    dont_mask = "dont_mask" in BINDING_FEATURES
     # XATTR_CREATE/XATTR_REPLACE reach our setxattr, which copies up first, as the kernel does.
     setxattr_flags = "setxattr_flags" in BINDING_FEATURES
 
     def __init__(self, overlay: Overlay) -> None:
         super().__init__()
         self.overlay = overlay
+        if not overlay.opts.acl:  # -o noacl
+            self.enable_acl = self.dont_mask = False
 
     def invalidate(self) -> None:
         """Tell the kernel to drop what a change made stale behind its back."""
@@ -262,7 +271,8 @@ class Operations(pyfuse3.Operations):
     def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         ov = self.overlay
-        handle, node, st = ov.create(ov.node(parent_inode), name, mode, flags, self._owner(ctx))
+        handle, node, st = ov.create(ov.node(parent_inode), name, mode, flags, self._owner(ctx),
+                                     ctx.umask)
         info = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fh), keep_cache=True)
         return info, self._new_entry(node, st)
 
@@ -270,14 +280,15 @@ class Operations(pyfuse3.Operations):
     def mkdir(self, parent_inode: int, name: bytes, mode: int,
               ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         ov = self.overlay
-        return self._new_entry(*ov.mkdir(ov.node(parent_inode), name, mode, self._owner(ctx)))
+        return self._new_entry(*ov.mkdir(ov.node(parent_inode), name, mode, self._owner(ctx),
+                                         ctx.umask))
 
     @fuse_op
     def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
               ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         ov = self.overlay
         return self._new_entry(*ov.mknod(ov.node(parent_inode), name, mode, rdev,
-                                         self._owner(ctx)))
+                                         self._owner(ctx), ctx.umask))
 
     @fuse_op
     def symlink(self, parent_inode: int, name: bytes, target: bytes,

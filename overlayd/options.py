@@ -39,7 +39,6 @@ FUSE_PASSTHROUGH = frozenset({"allow_other", "allow_root", "default_permissions"
 IGNORED_FLAGS = frozenset({
     "_netdev", "auto", "noauto", "user", "nouser", "users", "owner", "nofail", "defaults",
     "silent", "loud",
-    "noacl",  # fuse-overlayfs's: ACLs are not served anyway
 })
 IGNORED_KEYS = frozenset({"context", "fscontext", "defcontext", "rootcontext", "comment"})
 # Kernel options whose value must be the one we implement (the kernel's defaults here).
@@ -79,6 +78,9 @@ class MountOptions:
     # busy_poll=N: microseconds the daemon spins for the next request before it sleeps (0:
     # never); None: the daemon's default (overlayd.daemon.busy_poll_us).
     busy_poll: int | None = None
+    # fuse-overlayfs's noacl: the kernel checks the mode bits alone, not POSIX ACLs (which the
+    # kernel's overlay always checks).
+    acl: bool = True
 
     @property
     def squashed(self) -> bool:
@@ -189,6 +191,7 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
     squash_uid: int | None = None
     squash_gid: int | None = None
     busy_poll: int | None = None
+    acl = True
     ignored: list[str] = []
     for text in option_strings:
         for item in _split_options(text):
@@ -225,6 +228,8 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
                 if not (value.isascii() and value.isdigit()) or int(value) > BUSY_POLL_MAX:
                     raise UsageError(f"option {item!r}: takes microseconds, 0 to {BUSY_POLL_MAX}")
                 busy_poll = int(value)
+            elif key == "noacl" and not has_value:
+                acl = False
             elif key == "xattr_permissions" and value == "0":
                 ignored.append(item)  # fuse-overlayfs's default: xattrs carry no permissions
             elif key == "redirect_dir":
@@ -282,7 +287,7 @@ def parse_options(option_strings: Iterable[str]) -> MountOptions:
     gidmap = IdMap(gid_ranges, squash_gid if squash_gid is not None else
                    0 if squash_root else None)
     return MountOptions(lowers, upper, work, frozenset(fuse), read_only, fsync, static_nlink,
-                        redirect_dir or "off", userxattr, uidmap, gidmap, busy_poll,
+                        redirect_dir or "off", userxattr, uidmap, gidmap, busy_poll, acl,
                         tuple(ignored))
 
 

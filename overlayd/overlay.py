@@ -710,11 +710,12 @@ class Overlay:
         return Node(self.ino_for(0, st), parent, name, (0,), is_dir)
 
     def create(self, parent: Node, name: bytes, mode: int, flags: int,
-               owner: tuple[int, int]) -> tuple[Handle, Node, os.stat_result]:
+               owner: tuple[int, int], umask: int = 0) -> tuple[Handle, Node, os.stat_result]:
         fds: list[int] = []
         oflags = ((flags & ~(os.O_TRUNC | os.O_NOCTTY)) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                   | os.O_CLOEXEC)
 
+        @_under_umask(umask)
         def make(dir_fd: int, n: bytes) -> None:
             fds.append(os.open(n, oflags, stat.S_IMODE(mode), dir_fd=dir_fd))
 
@@ -728,7 +729,8 @@ class Overlay:
         return self._new_handle(fds[0], node, 0), node, st
 
     def mkdir(self, parent: Node, name: bytes, mode: int,
-              owner: tuple[int, int]) -> tuple[Node, os.stat_result]:
+              owner: tuple[int, int], umask: int = 0) -> tuple[Node, os.stat_result]:
+        @_under_umask(umask)
         def make(dir_fd: int, n: bytes) -> None:
             os.mkdir(n, stat.S_IMODE(mode), dir_fd=dir_fd)
 
@@ -744,7 +746,8 @@ class Overlay:
         return self._published(parent, name, st), st
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int,
-              owner: tuple[int, int]) -> tuple[Node, os.stat_result]:
+              owner: tuple[int, int], umask: int = 0) -> tuple[Node, os.stat_result]:
+        @_under_umask(umask)
         def make(dir_fd: int, n: bytes) -> None:
             os.mknod(n, mode, rdev, dir_fd=dir_fd)
 
@@ -1051,6 +1054,28 @@ class Overlay:
     def fsyncdir(self, node: Node) -> None:
         if self.opts.fsync and 0 in node.layers and self.upper is not None:
             os.fsync(self.dir_fd(node, 0))
+
+
+def _under_umask(umask: int) -> Callable[[Callable[[int, bytes], None]],
+                                         Callable[[int, bytes], None]]:
+    """Make the new object under the caller's *umask*, as the kernel's overlay does (its
+    ovl_create_upper leaves the umask to an upper filesystem with POSIX ACLs): there the upper
+    filesystem applies the parent's default ACL if it has one, else the umask. The mount has
+    POSIX ACLs too (Operations.enable_acl), so the kernel sends the mode unmasked, and the umask
+    beside it. The daemon's own umask is 0 otherwise (modes are given in full everywhere else).
+    """
+    def wrap(make: Callable[[int, bytes], None]) -> Callable[[int, bytes], None]:
+        if not umask:
+            return make
+
+        def made(dir_fd: int, name: bytes) -> None:
+            old = os.umask(umask)
+            try:
+                make(dir_fd, name)
+            finally:
+                os.umask(old)
+        return made
+    return wrap
 
 
 def _call_at(call: Callable[..., T], target: bytes | int, *args: object, **kwargs: object) -> T:

@@ -111,8 +111,10 @@ def test_fuse_overlayfs_static_nlink() -> None:
     assert parse_options(["lowerdir=/l,static_nlink"]).static_nlink is True
 
 
-def test_fuse_overlayfs_noacl_ignored() -> None:
-    assert parse_options(["lowerdir=/l,noacl"]).ignored == ("noacl",)
+def test_fuse_overlayfs_noacl_turns_acls_off() -> None:
+    opts = parse_options(["lowerdir=/l,noacl"])
+    assert (opts.acl, opts.ignored) == (False, ())
+    assert parse_options(["lowerdir=/l"]).acl is True
 
 
 def test_xattr_permissions_is_known() -> None:
