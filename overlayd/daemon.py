@@ -414,8 +414,9 @@ async def _announce_ready(mountpoint: bytes, dev_before: int, state: RunState) -
 # a client that just had its answer usually sends the next request within microseconds, and
 # waking a sleeping daemon costs more than a whole request (measured on a 2-CPU VM: 20,000
 # getxattr took 67 us each with the daemon asleep between them, 22 us with a 30 us spin).
-# A spin that keeps finding nothing stops (the binding's SPIN_MISSES_MAX). With one CPU the
-# spin would only delay the client, so it is off there.
+# After 8 spins in a row found nothing, it pauses for the next 64 waits (the binding's
+# SPIN_MISSES_MAX and SPIN_PAUSE), so a client that cannot run while we spin (more runnable
+# tasks than CPUs) costs little. With one CPU the spin would only delay the client: off.
 BUSY_POLL_US = 50
 
 
