@@ -181,7 +181,7 @@ def copy_up(src_dir_fd: int, name: bytes, st: os.stat_result, work_fd: int, dst_
                    fmt=fmt)
         renameat2(work_fd, tmp, dst_dir_fd, name, RENAME_NOREPLACE)
     except BaseException:
-        _discard(work_fd, tmp)
+        discard(work_fd, tmp)
         raise
     if stat.S_ISDIR(st.st_mode):
         os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst_dir_fd)
@@ -196,12 +196,13 @@ def build_in_work(work_fd: int, make: Callable[[int, bytes], None]) -> bytes:
     try:
         make(work_fd, tmp)
     except BaseException:
-        _discard(work_fd, tmp)
+        discard(work_fd, tmp)
         raise
     return tmp
 
 
-def _discard(work_fd: int, tmp: bytes) -> None:
+def discard(work_fd: int, tmp: bytes) -> None:
+    """Remove the workdir's *tmp* (a tree too); a failure is logged, not raised."""
     try:
         remove_tree(work_fd, tmp)
     except FileNotFoundError:

@@ -698,9 +698,30 @@ class Overlay:
                 if is_dir:
                     copyup.set_opaque(fd_path(dir_fd, n), self.opaque_xattr)
 
-            tmp = copyup.build_in_work(self.work_fd, build_over)
-            renameat2(self.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
-            os.unlink(tmp, dir_fd=self.work_fd)
+            default_acl = _default_acl(pfd)
+            if default_acl is None:
+                tmp = copyup.build_in_work(self.work_fd, build_over)
+                renameat2(self.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
+                os.unlink(tmp, dir_fd=self.work_fd)
+            else:
+                # ovl_create_over_whiteout also gives the object the ACLs that the parent's
+                # default ACL hands down (posix_acl_create), umask or not: build it inside a
+                # workdir directory holding that default ACL, and the upper filesystem does.
+                def holder(dir_fd: int, n: bytes) -> None:
+                    os.mkdir(n, 0o700, dir_fd=dir_fd)
+                    os.setxattr(fd_path(dir_fd, n), ACL_XATTRS[1], default_acl)
+
+                tmp = copyup.build_in_work(self.work_fd, holder)
+                try:
+                    hfd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+                                  dir_fd=self.work_fd)
+                    try:
+                        build_over(hfd, name)
+                        renameat2(hfd, name, pfd, name, RENAME_EXCHANGE)
+                    finally:
+                        os.close(hfd)
+                finally:
+                    copyup.discard(self.work_fd, tmp)  # and the whiteout, exchanged into it
         else:
             raise OverlayError("exists in upper", errno.EEXIST)
         return os.stat(name, dir_fd=pfd, follow_symlinks=False)
@@ -1054,6 +1075,16 @@ class Overlay:
     def fsyncdir(self, node: Node) -> None:
         if self.opts.fsync and 0 in node.layers and self.upper is not None:
             os.fsync(self.dir_fd(node, 0))
+
+
+def _default_acl(dir_fd: int) -> bytes | None:
+    """The directory's default POSIX ACL, if it has one."""
+    try:
+        return os.getxattr(dir_fd, ACL_XATTRS[1])
+    except OSError as e:
+        if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return None
+        raise
 
 
 def _under_umask(umask: int) -> Callable[[Callable[[int, bytes], None]],

@@ -77,6 +77,8 @@ def _acl_files(lowers: list[Path]) -> None:
         if value is not None:
             os.setxattr(path, ACCESS, value)
     (top / "dflt").mkdir(mode=0o755)
+    (top / "dflt" / "was-file").write_bytes(b"lower\n")
+    (top / "dflt" / "was-dir").mkdir()
     os.setxattr(top / "dflt", DEFAULT, file_acl(7, 5, 0, u65534=5))
     (top / "nodflt").mkdir(mode=0o755)
 
@@ -163,6 +165,32 @@ def test_new_objects_get_default_acls_or_the_umask(pair: Pair, umask: int, where
     uppers = {kind: [snapshot(upper / where / n) for n in ("f", "d", "p")]
               for kind, upper in (("kernel", pair.kernel_upper), ("overlayd", pair.our_upper))}
     assert uppers["overlayd"] == uppers["kernel"]
+
+
+def test_objects_made_over_whiteouts_get_the_default_acl(pair: Pair) -> None:
+    """A name deleted from a lower layer leaves a whiteout; what is made there later is built
+    in the workdir and exchanged with it, and still gets the parent's default ACL, without
+    the umask (the kernel's ovl_create_over_whiteout)."""
+    results = {}
+    old = os.umask(0o077)
+    try:
+        for kind, mnt in mounts(pair).items():
+            os.unlink(mnt / "dflt" / "was-file")
+            os.rmdir(mnt / "dflt" / "was-dir")
+            with open(mnt / "dflt" / "was-file", "w"):
+                pass
+            os.mkdir(mnt / "dflt" / "was-dir", 0o777)
+            results[kind] = [snapshot(mnt / "dflt" / n) for n in ("was-file", "was-dir")]
+    finally:
+        os.umask(old)
+    kernel_shows(results["kernel"][0][0] == oct(stat.S_IFREG | 0o640),
+                 f"the default ACL, not the umask: {results['kernel']}")
+    assert results["overlayd"] == results["kernel"]
+    uppers = {kind: [snapshot(upper / "dflt" / n) for n in ("was-file", "was-dir")]
+              for kind, upper in (("kernel", pair.kernel_upper), ("overlayd", pair.our_upper))}
+    assert uppers["overlayd"] == uppers["kernel"]
+    assert not [p for p in (pair.our_upper.parent / "work" / "work").iterdir()], \
+        "the workdir keeps nothing"
 
 
 def test_chmod_of_a_file_with_an_acl_moves_its_mask(pair: Pair) -> None:
