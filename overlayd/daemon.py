@@ -445,7 +445,7 @@ async def _serve(mountpoint: bytes, dev_before: int, state: RunState, spin_us: i
 
 def serve(opts: MountOptions, mountpoint: bytes, state: RunState) -> int:
     """Mount and serve until unmounted or signalled. Returns the exit status."""
-    os.umask(0)  # modes are given in full; a create applies the caller's umask (_under_umask)
+    os.umask(0)  # modes are given in full; a create applies the caller's umask (_publish)
     # Until the signal receiver runs, a SIGHUP (a log rotation) must not end the daemon.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _raise_fd_limit()

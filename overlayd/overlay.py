@@ -653,23 +653,36 @@ class Overlay:
                          dir_fd=dir_fd))
 
     def _new_object(self, parent: Node, name: bytes, make: Callable[[int, bytes], None],
-                    owner: tuple[int, int] | None, is_dir: bool) -> os.stat_result:
+                    owner: tuple[int, int] | None, is_dir: bool,
+                    umask: int = 0) -> os.stat_result:
         """Publish a new object at *name*, replacing an upper whiteout atomically."""
         pfd = self.upper_dir_fd(parent)
         if self.lookup(parent, name) is not None:
             raise OverlayError("exists", errno.EEXIST)
         try:
-            return self._publish(pfd, name, make, owner, is_dir)
+            return self._publish(pfd, name, make, owner, is_dir, umask)
         finally:
             self._changed(parent)
 
     def _publish(self, pfd: int, name: bytes, make: Callable[[int, bytes], None],
-                 owner: tuple[int, int] | None, is_dir: bool) -> os.stat_result:
+                 owner: tuple[int, int] | None, is_dir: bool, umask: int) -> os.stat_result:
+        """*umask*: the caller's, under which *make* runs, as the kernel's overlay makes the
+        object (its ovl_create_upper leaves the umask to an upper filesystem with POSIX ACLs):
+        the upper filesystem applies the parent's default ACL if it has one, else the umask.
+        The mount has POSIX ACLs too (Operations.enable_acl), so the kernel sends the mode
+        unmasked, and the umask beside it. The daemon's own umask is 0 (modes given in full)."""
         pst = os.fstat(pfd)
         sgid = bool(pst.st_mode & stat.S_ISGID)
 
         def build(dir_fd: int, n: bytes) -> None:
-            make(dir_fd, n)
+            if umask:
+                old = os.umask(umask)
+                try:
+                    make(dir_fd, n)
+                finally:
+                    os.umask(old)
+            else:
+                make(dir_fd, n)
             if owner is not None:
                 # A setgid directory hands its group down, as the upper filesystem would.
                 uid, gid = owner[0], pst.st_gid if sgid else owner[1]
@@ -736,12 +749,11 @@ class Overlay:
         oflags = ((flags & ~(os.O_TRUNC | os.O_NOCTTY)) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                   | os.O_CLOEXEC)
 
-        @_under_umask(umask)
         def make(dir_fd: int, n: bytes) -> None:
             fds.append(os.open(n, oflags, stat.S_IMODE(mode), dir_fd=dir_fd))
 
         try:
-            st = self._new_object(parent, name, make, owner, False)
+            st = self._new_object(parent, name, make, owner, False, umask)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -751,11 +763,10 @@ class Overlay:
 
     def mkdir(self, parent: Node, name: bytes, mode: int,
               owner: tuple[int, int], umask: int = 0) -> tuple[Node, os.stat_result]:
-        @_under_umask(umask)
         def make(dir_fd: int, n: bytes) -> None:
             os.mkdir(n, stat.S_IMODE(mode), dir_fd=dir_fd)
 
-        st = self._new_object(parent, name, make, owner, True)
+        st = self._new_object(parent, name, make, owner, True, umask)
         return self._published(parent, name, st), st
 
     def symlink(self, parent: Node, name: bytes, target: bytes,
@@ -768,11 +779,10 @@ class Overlay:
 
     def mknod(self, parent: Node, name: bytes, mode: int, rdev: int,
               owner: tuple[int, int], umask: int = 0) -> tuple[Node, os.stat_result]:
-        @_under_umask(umask)
         def make(dir_fd: int, n: bytes) -> None:
             os.mknod(n, mode, rdev, dir_fd=dir_fd)
 
-        st = self._new_object(parent, name, make, owner, False)
+        st = self._new_object(parent, name, make, owner, False, umask)
         return self._published(parent, name, st), st
 
     def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
@@ -1085,28 +1095,6 @@ def _default_acl(dir_fd: int) -> bytes | None:
         if e.errno in (errno.ENODATA, errno.EOPNOTSUPP):
             return None
         raise
-
-
-def _under_umask(umask: int) -> Callable[[Callable[[int, bytes], None]],
-                                         Callable[[int, bytes], None]]:
-    """Make the new object under the caller's *umask*, as the kernel's overlay does (its
-    ovl_create_upper leaves the umask to an upper filesystem with POSIX ACLs): there the upper
-    filesystem applies the parent's default ACL if it has one, else the umask. The mount has
-    POSIX ACLs too (Operations.enable_acl), so the kernel sends the mode unmasked, and the umask
-    beside it. The daemon's own umask is 0 otherwise (modes are given in full everywhere else).
-    """
-    def wrap(make: Callable[[int, bytes], None]) -> Callable[[int, bytes], None]:
-        if not umask:
-            return make
-
-        def made(dir_fd: int, name: bytes) -> None:
-            old = os.umask(umask)
-            try:
-                make(dir_fd, name)
-            finally:
-                os.umask(old)
-        return made
-    return wrap
 
 
 def _call_at(call: Callable[..., T], target: bytes | int, *args: object, **kwargs: object) -> T:
