@@ -35,15 +35,12 @@ def acl(*entries: tuple[int, int, int]) -> bytes:
                                            for tag, perm, ident in sorted(entries))
 
 
-def file_acl(owner: int, group: int, other: int, **users: int) -> bytes:
-    """An access ACL: the owner, group and other permissions, plus named users (uid=perm),
-    with a mask that grants what the named entries and the group ask for."""
-    named = [(USER, perm, int(uid.removeprefix("u"))) for uid, perm in users.items()]
-    mask = group
-    for _, perm, _ in named:
-        mask |= perm
-    return acl((USER_OBJ, owner, UNDEFINED_ID), *named, (GROUP_OBJ, group, UNDEFINED_ID),
-               (MASK, mask, UNDEFINED_ID), (OTHER, other, UNDEFINED_ID))
+def file_acl(owner: int, group: int, other: int, nobody: int) -> bytes:
+    """An access ACL: the owner, group and other permissions, plus nobody's, with a mask that
+    grants what nobody's entry and the group ask for."""
+    return acl((USER_OBJ, owner, UNDEFINED_ID), (USER, nobody, NOBODY),
+               (GROUP_OBJ, group, UNDEFINED_ID), (MASK, group | nobody, UNDEFINED_ID),
+               (OTHER, other, UNDEFINED_ID))
 
 
 def as_nobody(*argv: str) -> str:
@@ -61,9 +58,9 @@ def _acl_files(lowers: list[Path]) -> None:
     os.chmod(top.parent, 0o755)
     cases = {
         # mode 0600, and an ACL that lets nobody read
-        "granted": (0o600, file_acl(6, 0, 0, u65534=4)),
+        "granted": (0o600, file_acl(6, 0, 0, nobody=4)),
         # mode 0644, and an ACL that denies nobody what "other" would give
-        "denied": (0o644, file_acl(6, 4, 4, u65534=0)),
+        "denied": (0o644, file_acl(6, 4, 4, nobody=0)),
         # the ACL's mask caps the named entry: rw- for nobody, masked to ---
         "masked": (0o600, acl((USER_OBJ, 6, UNDEFINED_ID), (USER, 6, NOBODY),
                               (GROUP_OBJ, 0, UNDEFINED_ID), (MASK, 0, UNDEFINED_ID),
@@ -79,7 +76,7 @@ def _acl_files(lowers: list[Path]) -> None:
     (top / "dflt").mkdir(mode=0o755)
     (top / "dflt" / "was-file").write_bytes(b"lower\n")
     (top / "dflt" / "was-dir").mkdir()
-    os.setxattr(top / "dflt", DEFAULT, file_acl(7, 5, 0, u65534=5))
+    os.setxattr(top / "dflt", DEFAULT, file_acl(7, 5, 0, nobody=5))
     (top / "nodflt").mkdir(mode=0o755)
 
 
@@ -118,7 +115,7 @@ def test_an_acl_set_through_the_mount_takes_effect_at_once(pair: Pair) -> None:
     results = {}
     for kind, mnt in mounts(pair).items():
         before = as_nobody("cat", str(mnt / "plain"))
-        os.setxattr(mnt / "plain", ACCESS, file_acl(6, 4, 4, u65534=0))
+        os.setxattr(mnt / "plain", ACCESS, file_acl(6, 4, 4, nobody=0))
         denied = as_nobody("cat", str(mnt / "plain"))
         os.removexattr(mnt / "plain", ACCESS)
         results[kind] = [before, denied, as_nobody("cat", str(mnt / "plain")),
