@@ -15,8 +15,7 @@ import errno
 import functools
 import os
 import stat
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,48 +23,16 @@ import pytest
 from overlayd.fs import BINDING_FEATURES
 from overlayd.syscalls import fallocate
 from tests.conftest import needs_fuse, needs_kernel_overlay
-from tests.mounting import KERNEL_PINNED, kernel_mounted, overlay_options, overlayd_mounted
+from tests.mounting import (
+    KERNEL_PINNED,
+    kernel_mounted,
+    kernel_shows,
+    mounted_pair,
+    overlay_options,
+    overlayd_mounted,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mounted, needs_kernel_overlay, needs_fuse]
-
-Build = Callable[[list[Path]], None]  # writes the lower layers, top first
-
-
-@dataclass
-class Pair:
-    """The same stack mounted by the kernel and by overlayd."""
-
-    kernel: Path
-    ours: Path
-    kernel_upper: Path
-    our_upper: Path
-
-
-@contextlib.contextmanager
-def mounted_pair(tmp_path: Path, build: Build, layers: int = 2) -> Iterator[Pair]:
-    mounts = {}
-    with contextlib.ExitStack() as stack:
-        for kind in ("kernel", "overlayd"):
-            base = tmp_path / kind
-            lowers = [base / f"l{i}" for i in range(layers)]
-            for path in (*lowers, base / "upper", base / "work", base / "mnt"):
-                path.mkdir(parents=True)
-            build(lowers)
-            opts = overlay_options(lowers, base / "upper", base / "work")
-            if kind == "kernel":
-                stack.enter_context(kernel_mounted(base / "mnt", opts + "," + KERNEL_PINNED))
-            else:
-                stack.enter_context(overlayd_mounted(base / "mnt", opts))
-            mounts[kind] = base
-        yield Pair(mounts["kernel"] / "mnt", mounts["overlayd"] / "mnt",
-                   mounts["kernel"] / "upper", mounts["overlayd"] / "upper")
-
-
-def kernel_shows(condition: bool, what: str) -> None:
-    """The reference itself: not an overlayd failure, so not covered by the xfail."""
-    if not condition:
-        pytest.fail(f"the kernel no longer does what this test expects: {what}")
-
 
 def attempt(call: Callable[[], object]) -> object:
     """The result of *call*, or the name of the errno it failed with."""

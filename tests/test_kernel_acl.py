@@ -11,19 +11,25 @@ from __future__ import annotations
 import os
 import stat
 import struct
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import needs_fuse, needs_kernel_overlay
-from tests.mounting import overlay_options, overlayd_mounted
-from tests.test_fuzz_regressions import Pair, kernel_shows, mounted_pair
+from tests.mounting import (
+    NOBODY,
+    Pair,
+    as_nobody,
+    kernel_shows,
+    let_nobody_walk,
+    mounted_pair,
+    overlay_options,
+    overlayd_mounted,
+)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mounted, needs_kernel_overlay, needs_fuse]
 
-NOBODY = 65534
 ACCESS, DEFAULT = "system.posix_acl_access", "system.posix_acl_default"
 USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 UNDEFINED_ID = 0xFFFFFFFF
@@ -41,15 +47,6 @@ def file_acl(owner: int, group: int, other: int, nobody: int) -> bytes:
     return acl((USER_OBJ, owner, UNDEFINED_ID), (USER, nobody, NOBODY),
                (GROUP_OBJ, group, UNDEFINED_ID), (MASK, group | nobody, UNDEFINED_ID),
                (OTHER, other, UNDEFINED_ID))
-
-
-def as_nobody(*argv: str) -> str:
-    """Run *argv* as uid and gid 65534 without supplementary groups: "ok" or its error."""
-    done = subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
-                           "--clear-groups", *argv], capture_output=True, text=True)
-    if done.returncode == 0:
-        return "ok"
-    return "denied" if "Permission denied" in done.stderr else done.stderr.strip()
 
 
 def _acl_files(lowers: list[Path]) -> None:
@@ -78,15 +75,6 @@ def _acl_files(lowers: list[Path]) -> None:
     (top / "dflt" / "was-dir").mkdir()
     os.setxattr(top / "dflt", DEFAULT, file_acl(7, 5, 0, nobody=5))
     (top / "nodflt").mkdir(mode=0o755)
-
-
-def let_nobody_walk(tmp_path: Path) -> None:
-    """Let others search *tmp_path* and its parents up to /tmp (pytest makes them 0700)."""
-    os.chmod(tmp_path, 0o755)
-    for parent in tmp_path.parents:
-        if parent in (Path("/tmp"), Path("/")):
-            break
-        os.chmod(parent, os.stat(parent).st_mode | 0o005)
 
 
 @pytest.fixture
