@@ -20,7 +20,7 @@ import pyfuse3
 from overlayd.constants import ATTR_TIMEOUT, ENTRY_TIMEOUT, NEGATIVE_TIMEOUT
 from overlayd.errors import OverlayError
 from overlayd.inodes import Node
-from overlayd.overlay import Overlay
+from overlayd.overlay import Handle, Overlay
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,12 @@ log = logging.getLogger(__name__)
 # with a stock pyfuse3 each is left off and the daemon works as before.
 BINDING_FEATURES: frozenset[str] = getattr(pyfuse3, "OVERLAYD_FEATURES", frozenset())
 CACHE_READDIR = "opendir_fileinfo" in BINDING_FEATURES  # decided once, not at every opendir
+# Files open for writing only bypass the kernel's page cache (FOPEN_DIRECT_IO): a write(2) is one
+# WRITE request, where the cache splits one that begins inside a page in two and asks
+# getxattr("security.capability") before each. Only with the write's flags (our patch), which
+# tell when to clear set-id bits, since the kernel leaves that to us on this path.
+DIRECT_WRITES = "write_flags" in BINDING_FEATURES
+WRITE_KILL_SUIDGID: int = getattr(pyfuse3, "WRITE_KILL_SUIDGID", 0)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -84,6 +90,8 @@ class Operations(pyfuse3.Operations):
     dont_mask = "dont_mask" in BINDING_FEATURES
     # XATTR_CREATE/XATTR_REPLACE reach our setxattr, which copies up first, as the kernel does.
     setxattr_flags = "setxattr_flags" in BINDING_FEATURES
+    # write gets the request's write_flags (WRITE_KILL_SUIDGID), for DIRECT_WRITES.
+    write_flags = DIRECT_WRITES
 
     def __init__(self, overlay: Overlay) -> None:
         super().__init__()
@@ -201,9 +209,16 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        handle = self.overlay.open(self.overlay.node(inode), flags)
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fh),
-                                keep_cache=self._keep_cache(handle.node))
+        handle = self.overlay.open(self.overlay.node(inode), flags, (ctx.pid, ctx.uid))
+        return self._file_info(handle, flags, self._keep_cache(handle.node))
+
+    @staticmethod
+    def _file_info(handle: Handle, flags: int, keep_cache: bool) -> pyfuse3.FileInfo:
+        # Write-only: nothing can be read or mapped through it, so the page cache serves it
+        # nothing; the kernel drops other openers' cached pages of the range it writes.
+        handle.direct = DIRECT_WRITES and flags & os.O_ACCMODE == os.O_WRONLY
+        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fh), keep_cache=keep_cache,
+                                direct_io=handle.direct)
 
     @staticmethod
     def _keep_cache(node: Node) -> bool:
@@ -273,8 +288,7 @@ class Operations(pyfuse3.Operations):
         ov = self.overlay
         handle, node, st = ov.create(ov.node(parent_inode), name, mode, flags, self._owner(ctx),
                                      ctx.umask)
-        info = pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fh), keep_cache=True)
-        return info, self._new_entry(node, st)
+        return self._file_info(handle, flags, True), self._new_entry(node, st)
 
     @fuse_op
     def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -344,8 +358,8 @@ class Operations(pyfuse3.Operations):
         self.overlay.removexattr(self.overlay.node(inode), name)
 
     @fuse_op
-    def write(self, fh: int, off: int, buf: bytes) -> int:
-        return self.overlay.write(fh, off, buf)
+    def write(self, fh: int, off: int, buf: bytes, flags: int = 0) -> int:
+        return self.overlay.write(fh, off, buf, kill_setid=bool(flags & WRITE_KILL_SUIDGID))
 
     @fuse_op
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:

@@ -21,8 +21,8 @@ class Node:
     """An object of the merged tree."""
 
     __slots__ = ("aliases", "cache", "cookies", "fds", "final_st", "ino", "is_dir", "layers",
-                 "locations", "lookups", "name", "next_cookie", "parent", "partial_pages",
-                 "unlinked", "xattr_names")
+                 "locations", "lookups", "maybe_setid", "name", "next_cookie", "parent",
+                 "partial_pages", "unlinked", "xattr_names")
 
     def __init__(self, ino: int, parent: Node | None, name: bytes, layers: tuple[int, ...],
                  is_dir: bool) -> None:
@@ -58,6 +58,9 @@ class Node:
         # A write through us began or ended inside a page: the kernel keeps such pages in its
         # page cache but not up to date, and reads each of them alone later (4 KiB a request).
         self.partial_pages = False
+        # Its file may have the set-user-ID or set-group-ID bit: a direct write must look
+        # (Overlay.write). False only once seen without them, until a chmod through us.
+        self.maybe_setid = True
 
     def add_alias(self, parent: Node, name: bytes) -> None:
         if (parent is not self.parent or name != self.name) and not any(

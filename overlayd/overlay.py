@@ -71,6 +71,7 @@ LIST_TO_LOOK_UP = 8
 
 T = TypeVar("T")
 
+CAP_FSETID = 4  # linux/capability.h
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -82,6 +83,9 @@ class Handle:
     fd: int
     node: Node
     layer: int
+    # Its writes bypass the kernel's page cache (FOPEN_DIRECT_IO), and with it the kernel's
+    # clearing of set-id bits before a write: Overlay.write does that instead.
+    direct: bool = False
 
 
 def open_layers(opts: MountOptions) -> list[Layer]:
@@ -469,7 +473,8 @@ class Overlay:
     def statfs(self) -> os.statvfs_result:
         return os.fstatvfs(self.layers[0].fd)
 
-    def open(self, node: Node, flags: int) -> Handle:
+    def open(self, node: Node, flags: int, caller: tuple[int, int] = (0, 0)) -> Handle:
+        """Open *node*'s file; *caller* (pid, uid) opens it, which matters to O_TRUNC."""
         if node.is_dir:
             raise OverlayError("is a directory", errno.EISDIR)
         if flags & WRITE_FLAGS:
@@ -477,6 +482,14 @@ class Overlay:
         assert node.parent is not None
         fd = os.open(node.name, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
                      | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd(node.parent, node.top))
+        if flags & os.O_TRUNC and node.maybe_setid:
+            # The kernel's truncate clears set-id bits for a caller without CAP_FSETID; its
+            # FUSE client forgets to when the open itself truncates (atomic_o_trunc).
+            try:
+                _kill_setid(fd, node, caller)
+            except BaseException:
+                os.close(fd)
+                raise
         return self._new_handle(fd, node, node.top)
 
     def _new_handle(self, fd: int, node: Node, layer: int) -> Handle:
@@ -654,18 +667,20 @@ class Overlay:
 
     def _new_object(self, parent: Node, name: bytes, make: Callable[[int, bytes], None],
                     owner: tuple[int, int] | None, is_dir: bool,
-                    umask: int = 0) -> os.stat_result:
-        """Publish a new object at *name*, replacing an upper whiteout atomically."""
+                    umask: int = 0, setid: int = 0) -> os.stat_result:
+        """Publish a new object at *name*, replacing an upper whiteout atomically; *setid*: the
+        set-id bits of the mode a file is made with."""
         pfd = self.upper_dir_fd(parent)
         if self.lookup(parent, name) is not None:
             raise OverlayError("exists", errno.EEXIST)
         try:
-            return self._publish(pfd, name, make, owner, is_dir, umask)
+            return self._publish(pfd, name, make, owner, is_dir, umask, setid)
         finally:
             self._changed(parent)
 
     def _publish(self, pfd: int, name: bytes, make: Callable[[int, bytes], None],
-                 owner: tuple[int, int] | None, is_dir: bool, umask: int) -> os.stat_result:
+                 owner: tuple[int, int] | None, is_dir: bool, umask: int,
+                 setid: int = 0) -> os.stat_result:
         """*umask*: the caller's, under which *make* runs, as the kernel's overlay makes the
         object (its ovl_create_upper leaves the umask to an upper filesystem with POSIX ACLs):
         the upper filesystem applies the parent's default ACL if it has one, else the umask.
@@ -690,6 +705,8 @@ class Overlay:
                 if is_dir and sgid:
                     mode = os.stat(n, dir_fd=dir_fd).st_mode
                     os.chmod(n, stat.S_IMODE(mode) | stat.S_ISGID, dir_fd=dir_fd)
+                elif setid:
+                    _restore_setid(dir_fd, n, setid)
 
         existing = lstat_at(pfd, name)
         if existing is None:
@@ -753,12 +770,14 @@ class Overlay:
             fds.append(os.open(n, oflags, stat.S_IMODE(mode), dir_fd=dir_fd))
 
         try:
-            st = self._new_object(parent, name, make, owner, False, umask)
+            st = self._new_object(parent, name, make, owner, False, umask,
+                                  mode & (stat.S_ISUID | stat.S_ISGID))
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         node = self._published(parent, name, st)
+        node.maybe_setid = bool(st.st_mode & (stat.S_ISUID | stat.S_ISGID))
         return self._new_handle(fds[0], node, 0), node, st
 
     def mkdir(self, parent: Node, name: bytes, mode: int,
@@ -782,7 +801,8 @@ class Overlay:
         def make(dir_fd: int, n: bytes) -> None:
             os.mknod(n, mode, rdev, dir_fd=dir_fd)
 
-        st = self._new_object(parent, name, make, owner, False, umask)
+        st = self._new_object(parent, name, make, owner, False, umask,
+                              mode & (stat.S_ISUID | stat.S_ISGID))
         return self._published(parent, name, st), st
 
     def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
@@ -1020,6 +1040,7 @@ class Overlay:
             if stat.S_ISLNK(self.stat(node).st_mode):
                 raise OverlayError("chmod of a symlink", errno.EOPNOTSUPP)
             os.chmod(target, stat.S_IMODE(mode))
+            node.maybe_setid = bool(mode & (stat.S_ISUID | stat.S_ISGID))
         if size is not None:
             handle = self.handles.get(fh) if fh is not None else None
             if handle is not None and handle.node is node and handle.layer == 0:
@@ -1063,9 +1084,14 @@ class Overlay:
         node.xattr_names = None
         self._xattr_call(os.removexattr, node, disk)
 
-    def write(self, fh: int, offset: int, data: bytes) -> int:
+    def write(self, fh: int, offset: int, data: bytes, kill_setid: bool = False) -> int:
+        """Write *data* at *offset*; *kill_setid*: the writer lacks CAP_FSETID (the kernel
+        tells so for a direct write only)."""
         handle = self.handle(fh)
-        if (offset | len(data)) % PAGE_SIZE:
+        if handle.direct:
+            if kill_setid and handle.node.maybe_setid:
+                _kill_setid(handle.fd, handle.node)
+        elif (offset | len(data)) % PAGE_SIZE:
             handle.node.partial_pages = True
         return os.pwrite(handle.fd, data, offset)
 
@@ -1085,6 +1111,47 @@ class Overlay:
     def fsyncdir(self, node: Node) -> None:
         if self.opts.fsync and 0 in node.layers and self.upper is not None:
             os.fsync(self.dir_fd(node, 0))
+
+
+def _restore_setid(dir_fd: int, name: bytes, setid: int) -> None:
+    """Give back the set-id bits *setid* a new file was made with, which the chown to its owner
+    cleared: the kernel's overlay makes it as its owner, which keeps them. (What the caller may
+    not have, mode_strip_sgid's case, the kernel's VFS took from the mode before asking us.)"""
+    mode = os.stat(name, dir_fd=dir_fd).st_mode
+    if setid & ~mode:
+        os.chmod(name, stat.S_IMODE(mode) | setid, dir_fd=dir_fd)
+
+
+def _kill_setid(fd: int, node: Node, caller: tuple[int, int] | None = None) -> None:
+    """Clear the set-user-ID bit, and the set-group-ID bit of a group-executable file, before a
+    write or truncation by a process without CAP_FSETID (*caller* (pid, uid) is asked when
+    given; None: known to lack it). That is the kernel's FUSE client's rule before a cached
+    write (fuse_setattr without handle_killpriv), so all paths agree. The kernel's overlay also
+    clears set-group-ID without group execute when the writer is not in the file's group;
+    FUSE's rule keeps it."""
+    mode = os.fstat(fd).st_mode
+    kill = mode & stat.S_ISUID
+    if mode & (stat.S_ISGID | stat.S_IXGRP) == stat.S_ISGID | stat.S_IXGRP:
+        kill |= stat.S_ISGID
+    if kill and (caller is None or lacks_fsetid(*caller)):
+        os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
+        mode &= ~kill
+    node.maybe_setid = bool(mode & (stat.S_ISUID | stat.S_ISGID))
+
+
+def lacks_fsetid(pid: int, uid: int) -> bool:
+    """Whether process *pid* lacks CAP_FSETID in our user namespace, as /proc tells; when it
+    cannot (the process is gone, or pid 0: not in our pid namespace), whether *uid* is not
+    root's."""
+    try:
+        if pid > 0 and os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user"):
+            with open(f"/proc/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"CapEff:"):
+                        return not int(line.split()[1], 16) >> CAP_FSETID & 1
+    except OSError:
+        pass
+    return uid != 0
 
 
 def _default_acl(dir_fd: int) -> bytes | None:

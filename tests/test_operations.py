@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,11 +15,12 @@ from typing import Any
 import pyfuse3
 import pytest
 
-from overlayd.fs import Operations
+from overlayd.fs import DIRECT_WRITES, WRITE_KILL_SUIDGID, Operations
 from overlayd.inodes import ROOT_INODE
 from overlayd.options import parse_options
-from overlayd.overlay import Overlay, open_layers
+from overlayd.overlay import Overlay, lacks_fsetid, open_layers
 from tests.conftest import needs_root
+from tests.mounting import poll
 
 CTX: Any = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), umask=0o022)
 
@@ -222,7 +224,7 @@ async def test_flush_is_not_implemented(ops: Operations) -> None:
 async def test_open_drops_cached_pages_after_a_partial_page_write(
         ops: Operations, offset: int, size: int, keep: bool) -> None:
     f = await ops.lookup(ROOT_INODE, b"f", CTX)
-    writer = await ops.open(f.st_ino, os.O_WRONLY, CTX)
+    writer = await ops.open(f.st_ino, os.O_RDWR, CTX)  # read-write: its writes go through the cache
     assert writer.keep_cache
     await ops.write(writer.fh, offset, b"x" * size)
     reader = await ops.open(f.st_ino, os.O_RDONLY, CTX)
@@ -231,3 +233,105 @@ async def test_open_drops_cached_pages_after_a_partial_page_write(
     assert again.keep_cache  # dropped once: the kernel then reads whole pages and keeps them
     for fh in (writer.fh, reader.fh, again.fh):
         await ops.release(fh)
+
+
+@pytest.mark.parametrize(("flags", "direct"), [
+    (os.O_WRONLY, True), (os.O_WRONLY | os.O_APPEND, True), (os.O_WRONLY | os.O_TRUNC, True),
+    (os.O_RDWR, False), (os.O_RDONLY, False),
+])
+async def test_write_only_handles_bypass_the_page_cache(ops: Operations, flags: int,
+                                                        direct: bool) -> None:
+    """FOPEN_DIRECT_IO for a file open for writing only, whether opened or created."""
+    assert DIRECT_WRITES  # the patched binding: tests/test_cli.py checks it is the one built
+    f = await ops.lookup(ROOT_INODE, b"f", CTX)
+    info = await ops.open(f.st_ino, flags, CTX)
+    assert info.direct_io is direct
+    made, attr = await ops.create(ROOT_INODE, b"new", stat.S_IFREG | 0o644, flags | os.O_CREAT,
+                                  CTX)
+    assert made.direct_io is direct
+    if flags & os.O_ACCMODE != os.O_RDONLY:
+        # A direct write leaves no page half written in the kernel: nothing to drop at the next
+        # open, unlike a cached one.
+        await ops.write(info.fh, 5, b"x" * 10)
+        reader = await ops.open(f.st_ino, os.O_RDONLY, CTX)
+        assert reader.keep_cache is direct
+        await ops.release(reader.fh)
+    for fh in (info.fh, made.fh):
+        await ops.release(fh)
+    await ops.forget([(f.st_ino, 1), (attr.st_ino, 1)])
+
+
+@pytest.mark.parametrize(("mode", "killed"), [
+    (0o4755, 0o0755),
+    (0o6775, 0o0775),
+    (0o2775, 0o0775),
+    (0o2765, 0o2765),  # set-group-ID without group execute stays, as in the kernel's FUSE client
+    (0o0755, 0o0755),
+])
+async def test_direct_write_clears_set_id_bits_when_the_kernel_says(
+        ops: Operations, tmp_path: Path, mode: int, killed: int) -> None:
+    """The kernel sets WRITE_KILL_SUIDGID on a direct write by a process without CAP_FSETID and
+    leaves the clearing to us; a later chmod through us makes us look again."""
+    f = await ops.lookup(ROOT_INODE, b"f", CTX)
+    info = await ops.open(f.st_ino, os.O_WRONLY, CTX)
+    upper = tmp_path / "upper" / "f"
+    for _ in range(2):
+        await ops.setattr(f.st_ino, _mode_attr(mode), _MODE_ONLY, None, CTX)
+        await ops.write(info.fh, 0, b"a", 0)  # CAP_FSETID: nothing cleared
+        assert stat.S_IMODE(upper.stat().st_mode) == mode
+        await ops.write(info.fh, 1, b"b", WRITE_KILL_SUIDGID)
+        assert stat.S_IMODE(upper.stat().st_mode) == killed
+    assert upper.read_bytes().startswith(b"ab")
+    await ops.release(info.fh)
+    await ops.forget([(f.st_ino, 1)])
+
+
+@pytest.mark.parametrize(("caller", "mode"), [
+    ((0, 65534), 0o0755),  # not in our pid namespace: its uid decides
+    ((0, 0), 0o4755),
+    ((os.getpid(), os.getuid()), 0o4755 if os.geteuid() == 0 else 0o0755),
+])
+async def test_truncating_open_clears_set_id_bits_for_a_caller_without_cap_fsetid(
+        ops: Operations, tmp_path: Path, caller: tuple[int, int], mode: int) -> None:
+    f = await ops.lookup(ROOT_INODE, b"f", CTX)
+    await ops.setattr(f.st_ino, _mode_attr(0o4755), _MODE_ONLY, None, CTX)
+    ctx = SimpleNamespace(uid=caller[1], gid=0, pid=caller[0], umask=0o022)
+    info = await ops.open(f.st_ino, os.O_WRONLY | os.O_TRUNC, ctx)
+    st = (tmp_path / "upper" / "f").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_size) == (mode, 0)
+    await ops.release(info.fh)
+    await ops.forget([(f.st_ino, 1)])
+
+
+def _mode_attr(mode: int) -> pyfuse3.EntryAttributes:
+    attr = pyfuse3.EntryAttributes()
+    attr.st_mode = stat.S_IFREG | mode
+    return attr
+
+
+_MODE_ONLY: Any = SimpleNamespace(update_mode=True, update_uid=False, update_gid=False,
+                                  update_size=False, update_atime=False, update_mtime=False)
+
+
+@needs_root
+def test_lacks_fsetid_asks_proc() -> None:
+    """Root with CAP_FSETID has it; nobody, and root without it in its bounding set, lack it;
+    a process /proc cannot tell of is judged by its uid."""
+    assert not lacks_fsetid(os.getpid(), 0)
+    for argv in (["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"],
+                 ["setpriv", "--bounding-set=-fsetid"]):
+        with subprocess.Popen([*argv, "sleep", "30"]) as proc:
+            try:
+                poll(lambda: _exe(proc.pid) == "sleep", 10, "setpriv to exec sleep")
+                assert lacks_fsetid(proc.pid, 0)
+            finally:
+                proc.kill()
+    assert lacks_fsetid(0, 65534)
+    assert not lacks_fsetid(0, 0)
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return ""
