@@ -1021,47 +1021,62 @@ class Overlay:
     def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
                 mtime_ns: int | None = None, fh: int | None = None) -> os.stat_result:
-        """Change *node*'s attributes; *uid* and *gid* are shown ids (mapped to disk here)."""
+        """Change *node*'s attributes; *uid* and *gid* are shown ids (mapped to disk here);
+        *fh*: the caller's open file, when it changes them through one (fchown, futimens...)."""
         self._copy_up_named(node, data=size != 0)
-        target: bytes | int
-        if node.unlinked:
-            target = self._target(node)  # an open handle's fd: its name may hold another now
-            dir_fd, name = None, None
+        handle = self.handles.get(fh) if fh is not None else None
+        if handle is not None and (handle.node is not node or handle.layer != 0):
+            handle = None  # opened below, before the copy-up
+        # What is changed: an fd (the caller's open file, as ftruncate gives; or, once no name
+        # leads to the node, an open handle; or the root), else a name in its upper parent,
+        # changed with the *at() calls, without following a symlink there.
+        fd: int | None = None
+        dir_fd, name = 0, b""
+        if handle is not None:
+            fd = handle.fd
+        elif node.unlinked:
+            fd = self._open_fd(node)
+            if fd is None:
+                raise OverlayError("no name leads to it", errno.ENOENT)
         elif node.parent is None:
-            dir_fd, name = self.layers[0].fd, None
-            target = dir_fd
+            fd = self.layers[0].fd
         else:
             dir_fd, name = self.dir_fd(node.parent, 0), node.name
-            target = fd_path(dir_fd, name)
         if uid is not None or gid is not None:
-            self._chown(target, -1 if uid is None else self.opts.uidmap.disk(uid),
-                        -1 if gid is None else self.opts.gidmap.disk(gid))
+            self._chown(name if fd is None else fd,
+                        -1 if uid is None else self.opts.uidmap.disk(uid),
+                        -1 if gid is None else self.opts.gidmap.disk(gid),
+                        dir_fd=None if fd is not None else dir_fd)
         if mode is not None:
-            if stat.S_ISLNK(self.stat(node).st_mode):
+            if fd is not None:
+                os.chmod(fd, stat.S_IMODE(mode))
+            elif stat.S_ISLNK(self.stat(node).st_mode):
                 raise OverlayError("chmod of a symlink", errno.EOPNOTSUPP)
-            os.chmod(target, stat.S_IMODE(mode))
+            else:
+                os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
             node.maybe_setid = bool(mode & (stat.S_ISUID | stat.S_ISGID))
         if size is not None:
-            handle = self.handles.get(fh) if fh is not None else None
-            if handle is not None and handle.node is node and handle.layer == 0:
+            if handle is not None:
                 os.ftruncate(handle.fd, size)
             else:
-                if isinstance(target, int):
-                    # Reopened for writing through /proc, which follows to the open file.
-                    fd = os.open(fd_path(target), os.O_WRONLY | os.O_CLOEXEC)
-                else:
-                    assert name is not None
-                    fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                # An unlinked node's fd is reopened for writing through /proc, which follows
+                # to the open file.
+                wfd = (os.open(fd_path(fd), os.O_WRONLY | os.O_CLOEXEC) if fd is not None else
+                       os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd))
                 try:
-                    os.ftruncate(fd, size)
+                    os.ftruncate(wfd, size)
                 finally:
-                    os.close(fd)
+                    os.close(wfd)
         if atime_ns is not None or mtime_ns is not None:
-            st = self.stat(node)
-            times = (st.st_atime_ns if atime_ns is None else atime_ns,
-                     st.st_mtime_ns if mtime_ns is None else mtime_ns)
-            _call_at(os.utime, target, ns=times)
-        return self.stat(node)
+            if atime_ns is None or mtime_ns is None:
+                st = self.stat(node) if fd is None else os.fstat(fd)
+                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+            if fd is None:
+                os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+            else:
+                os.utime(fd, ns=(atime_ns, mtime_ns))
+        return self.stat(node) if fd is None else os.fstat(fd)
 
     def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
         """As the kernel's ovl_xattr_set: copy up, then setxattr with *flags* (XATTR_CREATE,
