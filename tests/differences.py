@@ -11,6 +11,11 @@ place: each normaliser below erases exactly one of them from a snapshot before c
    such a directory raw, ovl_dir_is_real) while its lookup denies it; overlayd lists no name its
    lookup denies (tests/test_fuzz_regressions.py shows both; the fuzzer's stacks avoid it).
 
+Asserted rather than normalised (the snapshots never meet it): a write by a process outside a
+file's group leaves a set-group-ID bit without group execute, which the kernel's overlay clears;
+that is the kernel's FUSE client's rule, and overlayd's own clearing follows it
+(tests/test_kernel_setid.py).
+
 Known gap with a stock pyfuse3 only (not deliberate; a strict xfail in
 tests/test_fuzz_regressions.py and exempted in the fuzzer when the binding lacks our patch): a
 failing setxattr with XATTR_CREATE/XATTR_REPLACE copies up in the kernel and not in overlayd,
