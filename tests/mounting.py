@@ -265,3 +265,13 @@ def let_nobody_walk(tmp_path: Path) -> None:
         if parent in (Path("/tmp"), Path("/")):
             break
         os.chmod(parent, os.stat(parent).st_mode | 0o005)
+
+
+@contextlib.contextmanager
+def nobody_pair(tmp_path: Path, build: Build) -> Iterator[Pair]:
+    """mounted_pair of one lower layer, both mounts reachable by nobody (as_nobody)."""
+    let_nobody_walk(tmp_path)
+    with mounted_pair(tmp_path, build, layers=1) as both:
+        for base in (both.kernel, both.ours):
+            os.chmod(base.parent, 0o755)
+        yield both

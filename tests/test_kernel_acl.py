@@ -23,7 +23,7 @@ from tests.mounting import (
     as_nobody,
     kernel_shows,
     let_nobody_walk,
-    mounted_pair,
+    nobody_pair,
     overlay_options,
     overlayd_mounted,
 )
@@ -79,10 +79,7 @@ def _acl_files(lowers: list[Path]) -> None:
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
-    let_nobody_walk(tmp_path)
-    with mounted_pair(tmp_path, _acl_files, layers=1) as both:
-        for base in (both.kernel, both.ours):
-            os.chmod(base.parent, 0o755)
+    with nobody_pair(tmp_path, _acl_files) as both:
         yield both
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import needs_fuse, needs_kernel_overlay
-from tests.mounting import NOBODY, Pair, kernel_shows, let_nobody_walk, mounted_pair
+from tests.mounting import NOBODY, Pair, kernel_shows, nobody_pair
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mounted, needs_kernel_overlay, needs_fuse]
 
@@ -59,10 +59,7 @@ def _files(lowers: list[Path]) -> None:
 
 @pytest.fixture
 def pair(tmp_path: Path) -> Iterator[Pair]:
-    let_nobody_walk(tmp_path)
-    with mounted_pair(tmp_path, _files, layers=1) as both:
-        for base in (both.kernel, both.ours):
-            os.chmod(base.parent, 0o755)
+    with nobody_pair(tmp_path, _files) as both:
         yield both
 
 
