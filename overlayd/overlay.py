@@ -72,6 +72,10 @@ LIST_TO_LOOK_UP = 8
 T = TypeVar("T")
 
 CAP_FSETID = 4  # linux/capability.h
+# Open flags not passed on to the real file. O_DIRECT is the kernel's business: it already
+# bypasses its page cache for such a file's I/O and hands us buffers of no alignment, which an
+# O_DIRECT fd refuses (EINVAL: dd iflag=direct failed).
+NOT_PASSED = os.O_NOCTTY | os.O_DIRECT
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND | os.O_CREAT
 
 
@@ -480,7 +484,7 @@ class Overlay:
         if flags & WRITE_FLAGS:
             self.copy_up(node, data=not flags & os.O_TRUNC)
         assert node.parent is not None
-        fd = os.open(node.name, (flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY))
+        fd = os.open(node.name, (flags & ~(os.O_CREAT | os.O_EXCL | NOT_PASSED))
                      | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dir_fd(node.parent, node.top))
         if flags & os.O_TRUNC and node.maybe_setid:
             # The kernel's truncate clears set-id bits for a caller without CAP_FSETID; its
@@ -763,7 +767,7 @@ class Overlay:
     def create(self, parent: Node, name: bytes, mode: int, flags: int,
                owner: tuple[int, int], umask: int = 0) -> tuple[Handle, Node, os.stat_result]:
         fds: list[int] = []
-        oflags = ((flags & ~(os.O_TRUNC | os.O_NOCTTY)) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+        oflags = ((flags & ~(os.O_TRUNC | NOT_PASSED)) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                   | os.O_CLOEXEC)
 
         def make(dir_fd: int, n: bytes) -> None:

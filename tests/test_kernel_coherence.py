@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,34 @@ def test_readers_see_writes_at_once(tmp_path: Path, writer_flags: int, name: str
     kernel, ours = results
     kernel_shows(kernel[2][4094:4097] == b"ABC" and kernel[4] == SIZE + 4, "the write seen")
     assert ours == kernel
+
+
+WRITERS = {
+    "cp": "cp src.bin out.bin",
+    "sendfile": ("python3 -c 'import os; i = os.open(\"src.bin\", os.O_RDONLY); "
+                 "o = os.open(\"out.bin\", os.O_WRONLY | os.O_CREAT, 0o644); "
+                 "n = os.fstat(i).st_size; off = 0\n"
+                 "while off < n: off += os.sendfile(o, i, off, n - off)'"),
+    "O_DIRECT": ("dd if=src.bin of=out.bin bs=1M oflag=direct status=none; "
+                 "dd if=out.bin of=back.bin bs=1M iflag=direct status=none; cmp out.bin back.bin"),
+    "pwritev": ("python3 -c 'import os; o = os.open(\"out.bin\", os.O_WRONLY | os.O_CREAT, 0o644); "
+                "os.pwritev(o, [b\"a\" * 5000, b\"b\" * 3], 4093); "
+                "os.pwritev(o, [b\"c\" * 70000], 1)'"),
+    "append": "for i in 1 2 3; do cat src.bin >> out.bin; done",
+}
+
+
+@pytest.mark.parametrize("how", list(WRITERS))
+def test_every_way_of_writing_a_write_only_file(tmp_path: Path, how: str) -> None:
+    """The tools' ways into a file open for writing only (copy_file_range falling back to
+    splice, sendfile, O_DIRECT, vectored writes, O_APPEND) give the kernel's bytes; and what
+    O_DIRECT wrote, O_DIRECT reads back."""
+    data = bytes(range(256)) * 8193  # not a whole number of pages
+    results = []
+    with mounted_pair(tmp_path, _lower, layers=1) as pair:
+        for mnt in (pair.kernel, pair.ours):
+            (mnt / "src.bin").write_bytes(data)
+            done = subprocess.run(["sh", "-ec", WRITERS[how]], cwd=mnt)
+            results.append((done.returncode, (mnt / "out.bin").read_bytes()))
+    kernel_shows(len(results[0][1]) > 4096, f"{how} wrote {len(results[0][1])} bytes")
+    assert results[1] == results[0]
