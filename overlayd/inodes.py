@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from overlayd.layers import DirCache, Location
 
 ROOT_INODE = 1  # FUSE's fixed root node id (pyfuse3.ROOT_INODE), kept here for the pure core
+KEPT = -1  # Node.fds key of a kept special file's O_PATH fd
 
 
 class Node:
@@ -39,7 +40,10 @@ class Node:
         # Other names of a hard-linked file met so far, so that removing the name the node
         # is located by can move it to another one.
         self.aliases: list[tuple[Node, bytes]] = []
-        self.fds: dict[int, int] = {}  # layer index -> open dir fd (directories only)
+        # Layer index -> open dir fd (directories); or KEPT -> an O_PATH fd on a special file
+        # (FIFO, socket, device) no name leads to any more, which the kernel may hold open
+        # without asking us (Overlay._retire).
+        self.fds: dict[int, int] = {}
         # What the core learnt of this directory's entries (its DirCache); dropped with the
         # fds, and by every change of the directory.
         self.cache: DirCache | None = None
@@ -143,5 +147,5 @@ class InodeTable:
             assert node.ino == ino
             assert node is self.root or node.lookups > 0, node
             assert node.layers, node
-            assert node.is_dir or not node.fds, node
+            assert node.is_dir or not node.fds or (node.unlinked and list(node.fds) == [KEPT])
             assert node.is_dir or len(node.layers) == 1, node

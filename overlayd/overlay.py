@@ -32,7 +32,7 @@ from overlayd.constants import (
 )
 from overlayd.errors import OverlayError, ReadOnly
 from overlayd.idmap import ACL_XATTRS, map_acl
-from overlayd.inodes import ROOT_INODE, InodeTable, Node
+from overlayd.inodes import KEPT, ROOT_INODE, InodeTable, Node
 from overlayd.layers import (
     DirCache,
     DirStack,
@@ -72,6 +72,7 @@ LIST_TO_LOOK_UP = 8
 T = TypeVar("T")
 
 CAP_FSETID = 4  # linux/capability.h
+SPECIAL = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
 # Open flags not passed on to the real file. O_DIRECT is the kernel's business: it already
 # bypasses its page cache for such a file's I/O and hands us buffers of no alignment, which an
 # O_DIRECT fd refuses (EINVAL: dd iflag=direct failed).
@@ -231,15 +232,21 @@ class Overlay:
         self._remap[key] = self._next_synthetic
         return self._next_synthetic
 
-    def _retire(self, node: Node, st: os.stat_result) -> None:
-        """*node*'s name is gone (its object had stat *st* just before). If that was its last
-        name, it is unlinked: the kernel may still hold it (an open file, a working directory)
-        and asks for its attributes; and an upper object's inode number may come back."""
+    def _retire(self, node: Node, st: os.stat_result, pfd: int = -1, name: bytes = b"") -> None:
+        """*node*'s name is about to go (its object has stat *st*; an upper one is *name* in
+        *pfd*). If that is its last name, it is unlinked: the kernel may still hold it (an open
+        file, a working directory) and asks for its attributes; and an upper object's inode
+        number may come back."""
         if node.is_dir or node.top != 0 or st.st_nlink <= 1:
             node.unlinked = True
             node.final_st = st
             if node.top == 0:
                 self._remap.pop((st.st_dev, st.st_ino), None)
+                if node.lookups and stat.S_IFMT(st.st_mode) in SPECIAL:
+                    # The kernel opens a FIFO, socket or device itself, without asking us, and
+                    # may change it through that fd (fchmod...): keep a way to the inode.
+                    node.fds[KEPT] = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                                             dir_fd=pfd)
 
     def dir_fd(self, node: Node, layer: int) -> int:
         """The open real directory of *node* in *layer* (opened on first use, then cached)."""
@@ -400,8 +407,11 @@ class Overlay:
 
     def stat(self, node: Node) -> os.stat_result:
         if node.unlinked:
-            # No name leads to it any more: an open handle still does; else its last stat.
+            # No name leads to it any more: an open handle (or a kept fd) still does; else its
+            # last stat.
             fd = self._open_fd(node)
+            if fd is None:
+                fd = node.fds.get(KEPT)
             if fd is not None:
                 return os.fstat(fd)
             assert node.final_st is not None
@@ -436,18 +446,28 @@ class Overlay:
                 return handle.fd
         return None
 
+    def _unlinked_target(self, node: Node) -> bytes | int:
+        """What is left of a node no name leads to: an open handle's fd, else the /proc link
+        of its kept O_PATH fd (a special file), to be followed."""
+        fd = self._open_fd(node)
+        if fd is not None:
+            return fd
+        if KEPT in node.fds:
+            return fd_path(node.fds[KEPT])
+        raise OverlayError("no name leads to it", errno.ENOENT)
+
     def _target(self, node: Node) -> bytes | int:
         """Where the node's attributes and xattrs are changed: its path, or, once no name leads
-        to it, an open handle on it (the kernel acts on the open inode)."""
+        to it, what is left of it (the kernel acts on the open inode)."""
         if node.unlinked:
-            fd = self._open_fd(node)
-            if fd is None:
-                raise OverlayError("no name leads to it", errno.ENOENT)
-            return fd
+            return self._unlinked_target(node)
         return self.xattr_path(node)
 
     def _xattr_call(self, call: Callable[..., T], node: Node, *args: object) -> T:
-        return _call_at(call, self._target(node), *args)
+        target = self._target(node)
+        if node.unlinked and isinstance(target, bytes):
+            return call(target, *args)  # a /proc link to follow
+        return _call_at(call, target, *args)
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         disk = xattr_to_disk(name, self.xattr_format)
@@ -848,7 +868,7 @@ class Overlay:
         pfd = self.upper_dir_fd(parent)
         lower = self._lower_positive(parent, name)
         self._retire(node, self.stat(node) if node.top != 0 else
-                     os.stat(name, dir_fd=pfd, follow_symlinks=False))
+                     os.stat(name, dir_fd=pfd, follow_symlinks=False), pfd, name)
         if node.top != 0:
             self._make_whiteout(pfd, name)  # only below: a whiteout is all the upper needs
         elif lower and self.whiteout_files:
@@ -944,7 +964,7 @@ class Overlay:
                 os.unlink(new_name, dir_fd=npfd)  # a directory cannot replace a device
         if dst is not None:
             self._retire(dst, self.stat(dst) if dst.top != 0 else
-                         os.stat(new_name, dir_fd=npfd, follow_symlinks=False))
+                         os.stat(new_name, dir_fd=npfd, follow_symlinks=False), npfd, new_name)
         if self._lower_positive(old_parent, old_name):
             try:
                 if self.whiteout_files:
@@ -1010,12 +1030,13 @@ class Overlay:
         """The on-disk owner for the ids *uid*, *gid* given to the mount."""
         return self.opts.uidmap.disk(uid), self.opts.gidmap.disk(gid)
 
-    def _chown(self, target: bytes | int, uid: int, gid: int, dir_fd: int | None = None) -> None:
+    def _chown(self, target: bytes | int, uid: int, gid: int, dir_fd: int | None = None,
+               follow: bool = False) -> None:
         try:
             if dir_fd is None:
                 _call_at(os.chown, target, uid, gid)
             else:
-                os.chown(target, uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                os.chown(target, uid, gid, dir_fd=dir_fd, follow_symlinks=follow)
         except PermissionError:
             if not self.opts.squashed:
                 raise
@@ -1035,13 +1056,15 @@ class Overlay:
         # leads to the node, an open handle; or the root), else a name in its upper parent,
         # changed with the *at() calls, without following a symlink there.
         fd: int | None = None
-        dir_fd, name = 0, b""
+        dir_fd, name, follow = 0, b"", False
         if handle is not None:
             fd = handle.fd
         elif node.unlinked:
-            fd = self._open_fd(node)
-            if fd is None:
-                raise OverlayError("no name leads to it", errno.ENOENT)
+            left = self._unlinked_target(node)
+            if isinstance(left, int):
+                fd = left
+            else:
+                name, follow = left, True  # a /proc link to a kept special file
         elif node.parent is None:
             fd = self.layers[0].fd
         else:
@@ -1050,7 +1073,7 @@ class Overlay:
             self._chown(name if fd is None else fd,
                         -1 if uid is None else self.opts.uidmap.disk(uid),
                         -1 if gid is None else self.opts.gidmap.disk(gid),
-                        dir_fd=None if fd is not None else dir_fd)
+                        dir_fd=None if fd is not None else dir_fd, follow=follow)
         if mode is not None:
             if fd is not None:
                 os.chmod(fd, stat.S_IMODE(mode))
@@ -1077,7 +1100,7 @@ class Overlay:
                 atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
                 mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
             if fd is None:
-                os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+                os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=dir_fd, follow_symlinks=follow)
             else:
                 os.utime(fd, ns=(atime_ns, mtime_ns))
         return self.stat(node) if fd is None else os.fstat(fd)

@@ -180,6 +180,40 @@ def test_open_fifo_outlives_its_name(tmp_path: Path) -> None:
     assert results["overlayd"] == results["kernel"]
 
 
+FD_CHANGES = (
+    functools.partial(os.fchmod, mode=0o600),
+    functools.partial(os.fchown, uid=1000, gid=100),
+    functools.partial(os.utime, ns=(1, 2)),
+    functools.partial(os.setxattr, attribute="user.k", value=b"fd"),  # refused on a FIFO
+    os.listxattr,
+)
+
+
+@pytest.mark.parametrize("how", ["unlink", "rename over it"])
+def test_open_fifo_changed_after_its_name_went(tmp_path: Path, how: str) -> None:
+    """The kernel opens a FIFO without asking the daemon: once its name is gone, overlayd
+    reaches it through an O_PATH fd it kept (the fuzzer's seed 20261208: fchown ENOENT)."""
+    results = {}
+    with mounted_pair(tmp_path, _two_lower_files) as pair:
+        for kind, mnt in (("kernel", pair.kernel), ("overlayd", pair.ours)):
+            os.mkfifo(mnt / "p", 0o640)
+            fd = os.open(mnt / "p", os.O_RDWR | os.O_NONBLOCK)
+            try:
+                if how == "unlink":
+                    os.unlink(mnt / "p")
+                else:
+                    os.rename(mnt / "a", mnt / "p")
+                outcomes = [attempt(functools.partial(change, fd)) for change in FD_CHANGES]
+                st = os.fstat(fd)
+                results[kind] = (outcomes, oct(st.st_mode), st.st_uid, st.st_gid,
+                                 st.st_mtime_ns, st.st_nlink)
+            finally:
+                os.close(fd)
+    kernel_shows(results["kernel"][1:] == ("0o10600", 1000, 100, 2, 0),
+                 f"the changes reach the open FIFO: {results['kernel']}")
+    assert results["overlayd"] == results["kernel"]
+
+
 # -- whiteouts in a directory that is not merged ---------------------------------------------------
 
 def _whiteout_in_unmerged_dir(lowers: list[Path]) -> None:
