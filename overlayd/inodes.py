@@ -147,5 +147,5 @@ class InodeTable:
             assert node.ino == ino
             assert node is self.root or node.lookups > 0, node
             assert node.layers, node
-            assert node.is_dir or not node.fds or (node.unlinked and list(node.fds) == [KEPT])
+            assert node.is_dir or not node.fds or (node.unlinked and list(node.fds) == [KEPT]), node
             assert node.is_dir or len(node.layers) == 1, node

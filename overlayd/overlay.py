@@ -242,7 +242,7 @@ class Overlay:
             node.final_st = st
             if node.top == 0:
                 self._remap.pop((st.st_dev, st.st_ino), None)
-                if node.lookups and stat.S_IFMT(st.st_mode) in SPECIAL:
+                if node.lookups and stat.S_IFMT(st.st_mode) in SPECIAL and KEPT not in node.fds:
                     # The kernel opens a FIFO, socket or device itself, without asking us, and
                     # may change it through that fd (fchmod...): keep a way to the inode.
                     node.fds[KEPT] = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
