@@ -422,12 +422,14 @@ class Overlay:
                        follow_symlinks=False)
 
     def nlink(self, node: Node, st: os.stat_result) -> int:
-        # The kernel's ovl_getattr: a merged directory reports nlink 1 ("seems to pacify find");
-        # everything else reports its real link count, and what no name leads to, 0.
-        if node.unlinked:
-            return 0
+        # The kernel's ovl_getattr: a merged directory reports nlink 1 ("seems to pacify find"),
+        # even once removed; everything else its real object's link count: 0 for an upper one
+        # no name leads to any more, and a removed lower one's own, since a whiteout hides it
+        # and it stays (an open FIFO or read-only file, a working directory).
         if node.is_dir and (len(node.layers) > 1 or self.opts.static_nlink):
             return 1
+        if node.unlinked and node.top == 0:
+            return 0
         return st.st_nlink
 
     def readlink(self, node: Node) -> bytes:

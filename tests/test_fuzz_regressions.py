@@ -196,6 +196,39 @@ def test_open_fifo_changed_after_its_name_went(tmp_path: Path, how: str) -> None
     assert results["overlayd"] == results["kernel"]
 
 
+def _lower_objects(lowers: list[Path]) -> None:
+    os.mkfifo(lowers[1] / "p", 0o640)
+    (lowers[1] / "f").write_bytes(b"f\n")
+    for d in ("merged", "lower", "copied"):
+        (lowers[1] / d).mkdir()
+    (lowers[0] / "merged").mkdir()
+
+
+def test_removed_lower_objects_keep_their_link_count(tmp_path: Path) -> None:
+    """Open, then removed: a lower object stays below its whiteout, and the kernel reports its
+    own nlink (a merged directory 1); an upper directory has none left (the fuzzer's seed
+    20261208, after the fix above: an open lower FIFO renamed over showed nlink 0)."""
+    results = {}
+    with mounted_pair(tmp_path, _lower_objects) as pair:
+        for kind, mnt in (("kernel", pair.kernel), ("overlayd", pair.ours)):
+            os.utime(mnt / "copied")  # copied up: an upper and a lower directory
+            os.mkdir(mnt / "upper")
+            fds = {"p": os.open(mnt / "p", os.O_RDWR | os.O_NONBLOCK),
+                   **{name: os.open(mnt / name, os.O_RDONLY)
+                      for name in ("f", "merged", "lower", "copied", "upper")}}
+            try:
+                os.rename(mnt / "f", mnt / "p")
+                for name in ("merged", "lower", "copied", "upper"):
+                    os.rmdir(mnt / name)
+                results[kind] = {name: os.fstat(fd).st_nlink for name, fd in fds.items()}
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+    kernel_shows(results["kernel"] == {"p": 1, "f": 1, "merged": 1, "lower": 2, "copied": 1,
+                                       "upper": 0}, f"nlink: {results['kernel']}")
+    assert results["overlayd"] == results["kernel"]
+
+
 # -- whiteouts in a directory that is not merged ---------------------------------------------------
 
 def _whiteout_in_unmerged_dir(lowers: list[Path]) -> None:
