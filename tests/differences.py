@@ -11,6 +11,11 @@ place: each normaliser below erases exactly one of them from a snapshot before c
    such a directory raw, ovl_dir_is_real) while its lookup denies it; overlayd lists no name its
    lookup denies (tests/test_fuzz_regressions.py shows both; the fuzzer's stacks avoid it).
 
+Asserted rather than normalised (tests/test_fuzz_regressions.py): a lower FIFO, socket or
+device held open and removed, then changed through its fd, fails with EEXIST, as a regular file
+does in the kernel; the kernel copies such an object up to its old name over the whiteout, so
+that the removed object comes back (the fuzzer meets it: seed 20261208).
+
 Asserted rather than normalised (the snapshots never meet it): a write by a process outside a
 file's group leaves a set-group-ID bit without group execute, which the kernel's overlay clears;
 that is the kernel's FUSE client's rule, and overlayd's own clearing follows it

@@ -229,6 +229,25 @@ def test_removed_lower_objects_keep_their_link_count(tmp_path: Path) -> None:
     assert results["overlayd"] == results["kernel"]
 
 
+def test_removed_lower_fifo_changed_through_its_fd_is_a_documented_difference(
+        tmp_path: Path) -> None:
+    """A lower FIFO, opened, then removed, then changed through its fd: the kernel copies it up
+    to its old name over the whiteout, so the removed FIFO is back in the merged view; overlayd
+    answers EEXIST, as the kernel itself does for a regular file (the fuzzer's seed 20261208)."""
+    results = {}
+    with mounted_pair(tmp_path, _lower_objects) as pair:
+        for kind, mnt in (("kernel", pair.kernel), ("overlayd", pair.ours)):
+            fd = os.open(mnt / "p", os.O_RDWR | os.O_NONBLOCK)
+            try:
+                os.unlink(mnt / "p")
+                results[kind] = (attempt(functools.partial(os.fchmod, fd, 0o600)),
+                                 "p" in os.listdir(mnt))
+            finally:
+                os.close(fd)
+    kernel_shows(results["kernel"] == (None, True), f"the FIFO is back: {results['kernel']}")
+    assert results["overlayd"] == ("EEXIST", False)
+
+
 # -- whiteouts in a directory that is not merged ---------------------------------------------------
 
 def _whiteout_in_unmerged_dir(lowers: list[Path]) -> None:
