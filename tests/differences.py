@@ -2,7 +2,9 @@
 place: each normaliser below erases exactly one of them from a snapshot before comparison.
 
 1. Whiteouts: the kernel (5.8+) hard-links one shared whiteout inode into every place that needs
-   one; overlayd makes each with mknod. Same type and device number, different nlink and inode.
+   one; overlayd makes each with mknod. Same type and device number, different nlink and inode;
+   and the group: the kernel's is made in the workdir, overlayd's in place, where a set-group-ID
+   directory hands down its group (the fuzzer's seed 20261209). Overlayfs reads neither.
 2. Lower hard links in a writable mount: in both, each name is an inode of its own, so that a
    copy-up through one name breaks the link (the kernel's index=off). The kernel's inodes all
    report the origin's st_ino; a FUSE inode's number is its st_ino, so overlayd's differ.
@@ -38,7 +40,7 @@ CHANGED = -1  # an mtime set while the scenario ran
 
 
 def whiteouts_unshared(snap: dict[bytes, Entry]) -> dict[bytes, Entry]:
-    return {path: dataclasses.replace(entry, nlink=1, inode_group=path)
+    return {path: dataclasses.replace(entry, nlink=1, inode_group=path, gid=0)
             if entry.kind == stat.S_IFCHR and entry.rdev == (0, 0) else entry
             for path, entry in snap.items()}
 
