@@ -72,6 +72,7 @@ LIST_TO_LOOK_UP = 8
 T = TypeVar("T")
 
 CAP_FSETID = 4  # linux/capability.h
+SETID = stat.S_ISUID | stat.S_ISGID
 SPECIAL = frozenset({stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK})
 # Open flags not passed on to the real file. O_DIRECT is the kernel's business: it already
 # bypasses its page cache for such a file's I/O and hands us buffers of no alignment, which an
@@ -796,14 +797,13 @@ class Overlay:
             fds.append(os.open(n, oflags, stat.S_IMODE(mode), dir_fd=dir_fd))
 
         try:
-            st = self._new_object(parent, name, make, owner, False, umask,
-                                  mode & (stat.S_ISUID | stat.S_ISGID))
+            st = self._new_object(parent, name, make, owner, False, umask, mode & SETID)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         node = self._published(parent, name, st)
-        node.maybe_setid = bool(st.st_mode & (stat.S_ISUID | stat.S_ISGID))
+        node.maybe_setid = bool(st.st_mode & SETID)
         return self._new_handle(fds[0], node, 0), node, st
 
     def mkdir(self, parent: Node, name: bytes, mode: int,
@@ -827,8 +827,7 @@ class Overlay:
         def make(dir_fd: int, n: bytes) -> None:
             os.mknod(n, mode, rdev, dir_fd=dir_fd)
 
-        st = self._new_object(parent, name, make, owner, False, umask,
-                              mode & (stat.S_ISUID | stat.S_ISGID))
+        st = self._new_object(parent, name, make, owner, False, umask, mode & SETID)
         return self._published(parent, name, st), st
 
     def link(self, node: Node, parent: Node, name: bytes) -> tuple[Node, os.stat_result]:
@@ -1083,7 +1082,7 @@ class Overlay:
                 raise OverlayError("chmod of a symlink", errno.EOPNOTSUPP)
             else:
                 os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
-            node.maybe_setid = bool(mode & (stat.S_ISUID | stat.S_ISGID))
+            node.maybe_setid = bool(mode & SETID)
         if size is not None:
             if handle is not None:
                 os.ftruncate(handle.fd, size)
@@ -1180,7 +1179,7 @@ def _kill_setid(fd: int, node: Node, caller: tuple[int, int] | None = None) -> N
     if kill and (caller is None or lacks_fsetid(*caller)):
         os.fchmod(fd, stat.S_IMODE(mode) & ~kill)
         mode &= ~kill
-    node.maybe_setid = bool(mode & (stat.S_ISUID | stat.S_ISGID))
+    node.maybe_setid = bool(mode & SETID)
 
 
 def lacks_fsetid(pid: int, uid: int) -> bool:
