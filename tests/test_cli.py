@@ -262,8 +262,9 @@ def test_main_version(capsys: pytest.CaptureFixture[str]) -> None:
     binding = cli.binding_version()
     assert run_main(capsys, ["--version"]) == (0, f"overlayd {__version__}\n{binding}\n", "")
     # scripts/setup builds the patched binding: a stock one here means the setup went wrong.
-    assert binding.endswith("(overlayd's patch: dont_mask, fallocate, opendir_fileinfo, "
-                            "setxattr_flags, sole_reader, write_flags)")
+    assert binding.endswith("(overlayd's patch: dont_mask, fallocate, killpriv_v2, "
+                            "opendir_fileinfo, passthrough, setxattr_flags, sole_reader, "
+                            "write_flags)")
 
 
 def test_main_help(capsys: pytest.CaptureFixture[str]) -> None:
