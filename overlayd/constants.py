@@ -65,3 +65,6 @@ FSNAME = "overlayd"
 FUSE_SUBTYPE = "overlayd"
 
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")  # the kernel's page cache works in these
+
+# File capabilities, which a chown or a change to the data clears.
+CAPABILITY = b"security.capability"

@@ -27,6 +27,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from overlayd.constants import CAPABILITY
 from overlayd.errors import CommandParser, UsageError
 from overlayd.layers import DirStack, Found, list_merged, open_dir_at, resolve
 from overlayd.layertree import Entry, Kind, Stack, descend, entries
@@ -35,7 +36,6 @@ from overlayd.options import shown
 from overlayd.stores import CONTAINERD, OVERLAY2, resolve_stack
 
 ADDED, CHANGED, DELETED = "A", "C", "D"
-CAPABILITY = b"security.capability"
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 
-from overlayd.constants import ATTR_TIMEOUT, ENTRY_TIMEOUT, NEGATIVE_TIMEOUT
+from overlayd.constants import ATTR_TIMEOUT, CAPABILITY, ENTRY_TIMEOUT, NEGATIVE_TIMEOUT
 from overlayd.errors import OverlayError
 from overlayd.inodes import Node
 from overlayd.overlay import Handle, Overlay
@@ -34,6 +34,8 @@ CACHE_READDIR = "opendir_fileinfo" in BINDING_FEATURES  # decided once, not at e
 # tell when to clear set-id bits, since the kernel leaves that to us on this path.
 DIRECT_WRITES = "write_flags" in BINDING_FEATURES
 WRITE_KILL_SUIDGID: int = getattr(pyfuse3, "WRITE_KILL_SUIDGID", 0)
+
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -92,12 +94,18 @@ class Operations(pyfuse3.Operations):
     setxattr_flags = "setxattr_flags" in BINDING_FEATURES
     # write gets the request's write_flags (WRITE_KILL_SUIDGID), for DIRECT_WRITES.
     write_flags = DIRECT_WRITES
+    # FUSE_HANDLE_KILLPRIV_V2 (our patch): the kernel leaves the clearing of set-id bits to
+    # us, which spares the GETATTR it sends before every chown without it. A write says so in
+    # its flags (write_flags), a truncation in SetattrFields.kill_suidgid; a chown clears them
+    # on the upper file itself, as the daemon's chown there does for any caller.
+    killpriv_v2 = DIRECT_WRITES and "killpriv_v2" in BINDING_FEATURES
 
     def __init__(self, overlay: Overlay) -> None:
         super().__init__()
         self.overlay = overlay
         if not overlay.opts.acl:  # -o noacl
             self.enable_acl = self.dont_mask = False
+        self._uncapped: set[int] = set()  # inodes whose capabilities the kernel just removed
 
     def invalidate(self) -> None:
         """Tell the kernel to drop what a change made stale behind its back."""
@@ -336,6 +344,10 @@ class Operations(pyfuse3.Operations):
                 fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         ov = self.overlay
         node = ov.node(inode)
+        nothing = not (fields.update_mode or fields.update_uid or fields.update_gid
+                       or fields.update_size or fields.update_atime or fields.update_mtime)
+        uncapped = inode in self._uncapped
+        self._uncapped.discard(inode)
         st = ov.setattr(
             node,
             mode=attr.st_mode if fields.update_mode else None,
@@ -345,6 +357,9 @@ class Operations(pyfuse3.Operations):
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
             mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
             fh=fh,
+            kill_setid=getattr(fields, "kill_suidgid", False),
+            clear_privs=(ctx.pid, ctx.uid) if nothing and self.killpriv_v2 else None,
+            uncapped=uncapped,
         )
         return self._entry(node, st)
 
@@ -356,6 +371,10 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self.overlay.removexattr(self.overlay.node(inode), name)
+        if name == CAPABILITY:
+            # The kernel removes file capabilities itself before it asks, with a SETATTR that
+            # has nothing to set, for the set-id bits to go (Overlay._clear_privs).
+            self._uncapped.add(inode)
 
     @fuse_op
     def write(self, fh: int, off: int, buf: bytes, flags: int = 0) -> int:

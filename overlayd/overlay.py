@@ -1046,9 +1046,15 @@ class Overlay:
 
     def setattr(self, node: Node, *, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
-                mtime_ns: int | None = None, fh: int | None = None) -> os.stat_result:
+                mtime_ns: int | None = None, fh: int | None = None,
+                kill_setid: bool = False, clear_privs: tuple[int, int] | None = None,
+                uncapped: bool = False) -> os.stat_result:
         """Change *node*'s attributes; *uid* and *gid* are shown ids (mapped to disk here);
-        *fh*: the caller's open file, when it changes them through one (fchown, futimens...)."""
+        *fh*: the caller's open file, when it changes them through one (fchown, futimens...).
+        With FUSE_HANDLE_KILLPRIV_V2 the kernel leaves the clearing of set-id bits to us:
+        *kill_setid*: a truncation by a caller without CAP_FSETID, which clears them;
+        *clear_privs*: the caller (pid, uid) of a change with nothing to set, and *uncapped*:
+        the kernel removed the file's capabilities just before; see _clear_privs."""
         self._copy_up_named(node, data=size != 0)
         handle = self.handles.get(fh) if fh is not None else None
         if handle is not None and (handle.node is not node or handle.layer != 0):
@@ -1070,6 +1076,9 @@ class Overlay:
             fd = self.layers[0].fd
         else:
             dir_fd, name = self.dir_fd(node.parent, 0), node.name
+        if clear_privs is not None:
+            self._clear_privs(name if fd is None else fd, None if fd is not None else dir_fd,
+                              follow, clear_privs, uncapped)
         if uid is not None or gid is not None:
             self._chown(name if fd is None else fd,
                         -1 if uid is None else self.opts.uidmap.disk(uid),
@@ -1085,6 +1094,8 @@ class Overlay:
             node.maybe_setid = bool(mode & SETID)
         if size is not None:
             if handle is not None:
+                if kill_setid and node.maybe_setid:
+                    _kill_setid(handle.fd, node)
                 os.ftruncate(handle.fd, size)
             else:
                 # An unlinked node's fd is reopened for writing through /proc, which follows
@@ -1092,6 +1103,8 @@ class Overlay:
                 wfd = (os.open(fd_path(fd), os.O_WRONLY | os.O_CLOEXEC) if fd is not None else
                        os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd))
                 try:
+                    if kill_setid and node.maybe_setid:
+                        _kill_setid(wfd, node)
                     os.ftruncate(wfd, size)
                 finally:
                     os.close(wfd)
@@ -1105,6 +1118,20 @@ class Overlay:
             else:
                 os.utime(fd, ns=(atime_ns, mtime_ns))
         return self.stat(node) if fd is None else os.fstat(fd)
+
+    def _clear_privs(self, target: bytes | int, dir_fd: int | None, follow: bool,
+                     caller: tuple[int, int], uncapped: bool) -> None:
+        """The kernel's FUSE client asks, with a change that has nothing to set, to clear the
+        set-id bits, for one of two reasons it does not tell apart: chown(-1, -1), which clears
+        them whoever calls (and which the kernel's overlay passes on to the upper file), or
+        file_remove_privs before a change to the data (fallocate, a write through the page
+        cache or passthrough), which keeps them for a caller with CAP_FSETID, and then only
+        asks when the file had capabilities, which it removed just before (*uncapped*). So a
+        chown(-1, -1) on the upper file does it, but for that one case. (A chown(-1, -1) by root
+        keeps the set-id bits of a file with capabilities: a documented difference.)"""
+        if uncapped and not lacks_fsetid(*caller):
+            return
+        self._chown(target, -1, -1, dir_fd=dir_fd, follow=follow)
 
     def setxattr(self, node: Node, name: bytes, value: bytes, flags: int = 0) -> None:
         """As the kernel's ovl_xattr_set: copy up, then setxattr with *flags* (XATTR_CREATE,
@@ -1129,12 +1156,11 @@ class Overlay:
 
     def write(self, fh: int, offset: int, data: bytes, kill_setid: bool = False) -> int:
         """Write *data* at *offset*; *kill_setid*: the writer lacks CAP_FSETID (the kernel
-        tells so for a direct write only)."""
+        tells so for a direct write, and with FUSE_HANDLE_KILLPRIV_V2 for a cached one too)."""
         handle = self.handle(fh)
-        if handle.direct:
-            if kill_setid and handle.node.maybe_setid:
-                _kill_setid(handle.fd, handle.node)
-        elif (offset | len(data)) % PAGE_SIZE:
+        if kill_setid and handle.node.maybe_setid:
+            _kill_setid(handle.fd, handle.node)
+        if not handle.direct and (offset | len(data)) % PAGE_SIZE:
             handle.node.partial_pages = True
         return os.pwrite(handle.fd, data, offset)
 

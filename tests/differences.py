@@ -23,6 +23,11 @@ file's group leaves a set-group-ID bit without group execute, which the kernel's
 that is the kernel's FUSE client's rule, and overlayd's own clearing follows it
 (tests/test_kernel_setid.py).
 
+Asserted rather than normalised (tests/test_kernel_setid.py): chown(-1, -1) by root keeps the
+set-id bits of a file with a file capability, which the kernel's overlay clears: with
+FUSE_HANDLE_KILLPRIV_V2 the kernel's FUSE client asks for it as for root's write to such a file,
+which keeps them.
+
 Known gap with a stock pyfuse3 only (not deliberate; a strict xfail in
 tests/test_fuzz_regressions.py and exempted in the fuzzer when the binding lacks our patch): a
 failing setxattr with XATTR_CREATE/XATTR_REPLACE copies up in the kernel and not in overlayd,

@@ -38,6 +38,7 @@ FILES = {
     "plain": (0o0777, 0, False),
     "mine": (0o0777, NOBODY, False),
     "capped": (0o0755, 0, True),
+    "suid-capped": (0o4777, 0, True),
 }
 
 
@@ -94,6 +95,8 @@ def _compare(pair: Pair, name: str, script: str, user: list[str]) -> tuple[str, 
     ("sgid", ": > sgid", True),
     ("suid", "truncate -s 5 suid", True),
     ("both", "fallocate -l 20000 both", True),
+    ("suid", "fallocate -n -l 20000 suid", True),  # keeping the size
+    ("suid-capped", "printf x 1<> suid-capped", True),
     ("mine", "printf x >> mine; chmod 4777 mine; printf y >> mine", True),
     ("mine", "exec 3>> mine; printf x >&3; chmod 6777 mine; printf y >&3", True),
     ("mine", "chmod 4777 mine; chown nobody mine", True),
@@ -116,6 +119,13 @@ def test_a_process_without_cap_fsetid_clears_set_id_bits(pair: Pair, name: str, 
     ("capped", "printf x >> capped", "-rwxr-xr-x"),
     ("capped", "printf x 1<> capped", "-rwxr-xr-x"),
     ("capped", ": > capped", "-rwxr-xr-x"),
+    ("capped", "fallocate -l 20000 capped", "-rwxr-xr-x"),
+    ("capped", "python3 -c 'import os; os.chown(\"capped\", -1, -1)'", "-rwxr-xr-x"),
+    ("suid-capped", "printf x >> suid-capped", "-rwsrwxrwx"),
+    ("suid-capped", "printf x 1<> suid-capped", "-rwsrwxrwx"),
+    ("suid-capped", "truncate -s 5 suid-capped", "-rwsrwxrwx"),
+    ("suid-capped", "fallocate -l 20000 suid-capped", "-rwsrwxrwx"),
+    ("suid-capped", "chown 1:1 suid-capped", "-rwxrwxrwx"),
 ])
 def test_root_keeps_set_id_bits_but_not_file_capabilities(pair: Pair, name: str, script: str,
                                                           mode: str) -> None:
@@ -157,3 +167,18 @@ def test_set_group_id_without_group_execute_is_a_documented_difference(pair: Pai
                        cwd=mnt, check=True)
     kernel_shows(stat.S_IMODE(os.stat(pair.kernel / "sgid").st_mode) == 0o0767, "cleared")
     assert stat.S_IMODE(os.stat(pair.ours / "sgid").st_mode) == 0o2767
+
+
+def test_chown_by_root_keeping_owners_of_a_set_id_file_with_capabilities_is_a_difference(
+        pair: Pair) -> None:
+    """chown(-1, -1) clears set-id bits whoever calls. The kernel's FUSE client, told the file
+    system clears them (FUSE_HANDLE_KILLPRIV_V2), asks for that with a SETATTR that has nothing
+    to set, as it does before root's write to a file with capabilities, which keeps them:
+    overlayd cannot tell the two apart there, and keeps them (Overlay._clear_privs)."""
+    script = "python3 -c 'import os; os.chown(\"suid-capped\", -1, -1)'"
+    for mnt in (pair.kernel, pair.ours):
+        subprocess.run(["sh", "-ec", script], cwd=mnt, check=True)
+    kernel = _state(pair.kernel, pair.kernel_upper, "suid-capped")
+    kernel_shows(kernel[::2] == ("-rwxrwxrwx", False), f"chown(-1, -1): {kernel}")
+    ours = _state(pair.ours, pair.our_upper, "suid-capped")
+    assert ours[::2] == ("-rwsrwxrwx", False)

@@ -303,6 +303,62 @@ async def test_truncating_open_clears_set_id_bits_for_a_caller_without_cap_fseti
     await ops.forget([(f.st_ino, 1)])
 
 
+@pytest.mark.parametrize("through_handle", [False, True])
+@pytest.mark.parametrize("kill", [False, True])
+async def test_truncation_clears_set_id_bits_when_the_kernel_says(
+        ops: Operations, tmp_path: Path, through_handle: bool, kill: bool) -> None:
+    """With FUSE_HANDLE_KILLPRIV_V2 the kernel flags a truncation by a process without
+    CAP_FSETID (SetattrFields.kill_suidgid) and leaves the clearing to us."""
+    assert ops.killpriv_v2  # the patched binding
+    f = await ops.lookup(ROOT_INODE, b"f", CTX)
+    await ops.setattr(f.st_ino, _mode_attr(0o6775), _MODE_ONLY, None, CTX)
+    info = await ops.open(f.st_ino, os.O_WRONLY, CTX) if through_handle else None
+    attr = pyfuse3.EntryAttributes()
+    attr.st_size = 3
+    await ops.setattr(f.st_ino, attr, _fields(update_size=True, kill_suidgid=kill),
+                      info.fh if info else None, CTX)
+    st = (tmp_path / "upper" / "f").stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_size) == (0o0775 if kill else 0o6775, 3)
+    if info:
+        await ops.release(info.fh)
+    await ops.forget([(f.st_ino, 1)])
+
+
+@needs_root  # file capabilities
+@pytest.mark.parametrize(("uid", "capped", "mode"), [
+    (65534, False, 0o0755),
+    (65534, True, 0o0755),
+    (0, False, 0o0755),  # a chown(-1, -1): root's clears the set-id bits too
+    (0, True, 0o4755),  # or a write by root: only the capability goes
+])
+async def test_a_change_with_nothing_to_set_clears_privileges(
+        ops: Operations, tmp_path: Path, uid: int, capped: bool, mode: int) -> None:
+    """With FUSE_HANDLE_KILLPRIV_V2 the kernel sends a SETATTR with nothing to set for a
+    chown(-1, -1), and before a change to the data that must clear set-id bits or capabilities
+    (file_remove_privs), having removed the capabilities itself just before. It copies up, as
+    the kernel's overlay does for chown(-1, -1)."""
+    lower = tmp_path / "lower1" / "g"
+    os.chmod(lower, 0o4755)
+    if capped:
+        os.setxattr(lower, "security.capability", bytes.fromhex("01000002" + "00" * 16))
+    g = await ops.lookup(ROOT_INODE, b"g", CTX)
+    ctx = SimpleNamespace(uid=uid, gid=0, pid=0, umask=0o022)  # pid 0: its uid decides
+    if capped:
+        await ops.removexattr(g.st_ino, b"security.capability", ctx)
+    await ops.setattr(g.st_ino, pyfuse3.EntryAttributes(), _fields(), None, ctx)
+    upper = tmp_path / "upper" / "g"
+    assert stat.S_IMODE(upper.stat().st_mode) == mode
+    assert "security.capability" not in os.listxattr(upper)
+    assert stat.S_IMODE(lower.stat().st_mode) == 0o4755
+    await ops.forget([(g.st_ino, 1)])
+
+
+def _fields(**update: bool) -> Any:
+    names = ("update_mode", "update_uid", "update_gid", "update_size", "update_atime",
+             "update_mtime", "kill_suidgid")
+    return SimpleNamespace(**{name: update.get(name, False) for name in names})
+
+
 def _mode_attr(mode: int) -> pyfuse3.EntryAttributes:
     attr = pyfuse3.EntryAttributes()
     attr.st_mode = stat.S_IFREG | mode
