@@ -20,6 +20,7 @@ import pyfuse3
 from overlayd.constants import ATTR_TIMEOUT, CAPABILITY, ENTRY_TIMEOUT, NEGATIVE_TIMEOUT
 from overlayd.errors import OverlayError
 from overlayd.inodes import Node
+from overlayd.openmodes import OpenModes
 from overlayd.overlay import Handle, Overlay
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,20 @@ CACHE_READDIR = "opendir_fileinfo" in BINDING_FEATURES  # decided once, not at e
 # tell when to clear set-id bits, since the kernel leaves that to us on this path.
 DIRECT_WRITES = "write_flags" in BINDING_FEATURES
 WRITE_KILL_SUIDGID: int = getattr(pyfuse3, "WRITE_KILL_SUIDGID", 0)
+# Upper files open passthrough (FOPEN_PASSTHROUGH, overlayd/openmodes.py): the kernel reads and
+# writes them itself. Set-id bits are then cleared through killpriv_v2's empty SETATTR.
+PASSTHROUGH = "passthrough" in BINDING_FEATURES and "killpriv_v2" in BINDING_FEATURES
 
+
+
+def _backing_open(fd: int) -> int:
+    if not pyfuse3.passthrough_granted():
+        raise OSError(errno.EOPNOTSUPP, "the kernel was not given FUSE_PASSTHROUGH at INIT")
+    return pyfuse3.backing_open(fd)
+
+
+def _backing_close(backing_id: int) -> None:
+    pyfuse3.backing_close(backing_id)
 
 
 P = ParamSpec("P")
@@ -99,12 +113,15 @@ class Operations(pyfuse3.Operations):
     # its flags (write_flags), a truncation in SetattrFields.kill_suidgid; a chown clears them
     # on the upper file itself, as the daemon's chown there does for any caller.
     killpriv_v2 = DIRECT_WRITES and "killpriv_v2" in BINDING_FEATURES
+    # FUSE_PASSTHROUGH is offered to the kernel at INIT (our patch).
+    passthrough = PASSTHROUGH
 
     def __init__(self, overlay: Overlay) -> None:
         super().__init__()
         self.overlay = overlay
         if not overlay.opts.acl:  # -o noacl
             self.enable_acl = self.dont_mask = False
+        self.modes = OpenModes(_backing_open if self.passthrough else None, _backing_close)
         self._uncapped: set[int] = set()  # inodes whose capabilities the kernel just removed
 
     def invalidate(self) -> None:
@@ -218,15 +235,26 @@ class Operations(pyfuse3.Operations):
     @fuse_op
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         handle = self.overlay.open(self.overlay.node(inode), flags, (ctx.pid, ctx.uid))
-        return self._file_info(handle, flags, self._keep_cache(handle.node))
+        return self._file_info(handle, flags, created=False)
 
-    @staticmethod
-    def _file_info(handle: Handle, flags: int, keep_cache: bool) -> pyfuse3.FileInfo:
+    def _file_info(self, handle: Handle, flags: int, created: bool) -> pyfuse3.FileInfo:
+        fh = pyfuse3.FileHandleT(handle.fh)
+        node = handle.node
+        backing_id = self.modes.passthrough(handle.fh, node.ino, handle.fd,
+                                            handle.layer == 0 and not flags & os.O_DIRECT)
+        if backing_id:
+            if flags & os.O_ACCMODE != os.O_RDONLY:
+                # Its writes pass the page cache by: the next open through the cache, once
+                # the passthrough ones are closed, drops what it kept.
+                node.partial_pages = True
+            return pyfuse3.FileInfo(fh=fh, keep_cache=False, backing_id=backing_id)
         # Write-only: nothing can be read or mapped through it, so the page cache serves it
         # nothing; the kernel drops other openers' cached pages of the range it writes.
         handle.direct = DIRECT_WRITES and flags & os.O_ACCMODE == os.O_WRONLY
-        return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle.fh), keep_cache=keep_cache,
-                                direct_io=handle.direct)
+        if handle.direct:
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True, direct_io=True)
+        self.modes.cached(handle.fh, node.ino)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=created or self._keep_cache(node))
 
     @staticmethod
     def _keep_cache(node: Node) -> bool:
@@ -253,6 +281,7 @@ class Operations(pyfuse3.Operations):
 
     @fuse_op
     def release(self, fh: int) -> None:
+        self.modes.release(fh)
         self.overlay.release(fh)
 
     # -- xattrs and the filesystem -------------------------------------------------------------
@@ -296,7 +325,7 @@ class Operations(pyfuse3.Operations):
         ov = self.overlay
         handle, node, st = ov.create(ov.node(parent_inode), name, mode, flags, self._owner(ctx),
                                      ctx.umask)
-        return self._file_info(handle, flags, True), self._new_entry(node, st)
+        return self._file_info(handle, flags, created=True), self._new_entry(node, st)
 
     @fuse_op
     def mkdir(self, parent_inode: int, name: bytes, mode: int,

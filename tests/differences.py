@@ -28,6 +28,9 @@ set-id bits of a file with a file capability, which the kernel's overlay clears:
 FUSE_HANDLE_KILLPRIV_V2 the kernel's FUSE client asks for it as for root's write to such a file,
 which keeps them.
 
+Not met by the snapshots (no test turns O_APPEND off): a passthrough file keeps appending after
+fcntl(F_SETFL) turns O_APPEND off (overlayd/openmodes.py).
+
 Known gap with a stock pyfuse3 only (not deliberate; a strict xfail in
 tests/test_fuzz_regressions.py and exempted in the fuzzer when the binding lacks our patch): a
 failing setxattr with XATTR_CREATE/XATTR_REPLACE copies up in the kernel and not in overlayd,

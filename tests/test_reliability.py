@@ -596,7 +596,11 @@ def test_faults_in_handlers_answer_eio_and_the_daemon_serves_on(stack: dict[str,
         "statfs": lambda: os.statvfs(mnt),
     }
     with command_mounted(mnt, argv, check_logs=False) as daemon:
-        fd = os.open(mnt / "boom-write", os.O_WRONLY)  # the copy-up works, the write fails
+        # The copy-up works, the write fails. The reader, through the page cache, keeps the
+        # upper file from being opened passthrough (overlayd/openmodes.py), where the kernel
+        # would write it without asking the daemon.
+        reader = os.open(mnt / "boom-write", os.O_RDONLY)
+        fd = os.open(mnt / "boom-write", os.O_WRONLY)
         try:
             flag.write_bytes(b"")
             for method, request in faults.items():
@@ -605,6 +609,7 @@ def test_faults_in_handlers_answer_eio_and_the_daemon_serves_on(stack: dict[str,
             flag.unlink()
         finally:
             os.close(fd)
+            os.close(reader)
         # release: the kernel does not wait for its answer; the traceback reaches the log.
         (mnt / "boom-release").read_bytes()
         poll(lambda: "injected fault in release" in daemon.log(), 30, "release's traceback")
