@@ -36,9 +36,8 @@ CACHE_READDIR = "opendir_fileinfo" in BINDING_FEATURES  # decided once, not at e
 DIRECT_WRITES = "write_flags" in BINDING_FEATURES
 WRITE_KILL_SUIDGID: int = getattr(pyfuse3, "WRITE_KILL_SUIDGID", 0)
 # Upper files open passthrough (FOPEN_PASSTHROUGH, overlayd/openmodes.py): the kernel reads and
-# writes them itself. Set-id bits are then cleared through killpriv_v2's empty SETATTR.
-PASSTHROUGH = "passthrough" in BINDING_FEATURES and "killpriv_v2" in BINDING_FEATURES
-
+# writes them itself, and asks us to clear set-id bits first with a SETATTR (file_remove_privs).
+PASSTHROUGH = "passthrough" in BINDING_FEATURES
 
 
 def _backing_open(fd: int) -> int:

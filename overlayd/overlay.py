@@ -1093,20 +1093,17 @@ class Overlay:
                 os.chmod(name, stat.S_IMODE(mode), dir_fd=dir_fd)
             node.maybe_setid = bool(mode & SETID)
         if size is not None:
-            if handle is not None:
+            # The caller's open file, else one opened for writing (an unlinked node's fd is
+            # reopened through /proc, which follows to the open file).
+            wfd = handle.fd if handle is not None else (
+                os.open(fd_path(fd), os.O_WRONLY | os.O_CLOEXEC) if fd is not None else
+                os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd))
+            try:
                 if kill_setid and node.maybe_setid:
-                    _kill_setid(handle.fd, node)
-                os.ftruncate(handle.fd, size)
-            else:
-                # An unlinked node's fd is reopened for writing through /proc, which follows
-                # to the open file.
-                wfd = (os.open(fd_path(fd), os.O_WRONLY | os.O_CLOEXEC) if fd is not None else
-                       os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd))
-                try:
-                    if kill_setid and node.maybe_setid:
-                        _kill_setid(wfd, node)
-                    os.ftruncate(wfd, size)
-                finally:
+                    _kill_setid(wfd, node)
+                os.ftruncate(wfd, size)
+            finally:
+                if handle is None:
                     os.close(wfd)
         if atime_ns is not None or mtime_ns is not None:
             if atime_ns is None or mtime_ns is None:
