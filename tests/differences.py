@@ -16,7 +16,8 @@ place: each normaliser below erases exactly one of them from a snapshot before c
 Asserted rather than normalised (tests/test_fuzz_regressions.py): a lower FIFO, socket or
 device held open and removed, then changed through its fd, fails with EEXIST, as a regular file
 does in the kernel; the kernel copies such an object up to its old name over the whiteout, so
-that the removed object comes back (the fuzzer meets it: seed 20261208).
+that the removed object comes back (the fuzzer met it with seed 20261208; its FIFO handles
+now only read, write and stat).
 
 Asserted rather than normalised (the snapshots never meet it): a write by a process outside a
 file's group leaves a set-group-ID bit without group execute, which the kernel's overlay clears;
