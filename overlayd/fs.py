@@ -21,7 +21,7 @@ from overlayd.constants import ATTR_TIMEOUT, CAPABILITY, ENTRY_TIMEOUT, NEGATIVE
 from overlayd.errors import OverlayError
 from overlayd.inodes import Node
 from overlayd.openmodes import OpenModes
-from overlayd.overlay import Handle, Overlay
+from overlayd.overlay import Handle, Overlay, effective_caps
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ WRITE_KILL_SUIDGID: int = getattr(pyfuse3, "WRITE_KILL_SUIDGID", 0)
 # Upper files open passthrough (FOPEN_PASSTHROUGH, overlayd/openmodes.py): the kernel reads and
 # writes them itself, and asks us to clear set-id bits first with a SETATTR (file_remove_privs).
 PASSTHROUGH = "passthrough" in BINDING_FEATURES
+CAP_SYS_ADMIN = 21  # linux/capability.h: what FUSE_DEV_IOC_BACKING_OPEN needs
 
 
 def _backing_open(fd: int) -> int:
@@ -112,14 +113,17 @@ class Operations(pyfuse3.Operations):
     # its flags (write_flags), a truncation in SetattrFields.kill_suidgid; a chown clears them
     # on the upper file itself, as the daemon's chown there does for any caller.
     killpriv_v2 = DIRECT_WRITES and "killpriv_v2" in BINDING_FEATURES
-    # FUSE_PASSTHROUGH is offered to the kernel at INIT (our patch).
-    passthrough = PASSTHROUGH
+    # FUSE_PASSTHROUGH is offered to the kernel at INIT (our patch), when we may use it.
+    passthrough = False
 
     def __init__(self, overlay: Overlay) -> None:
         super().__init__()
         self.overlay = overlay
         if not overlay.opts.acl:  # -o noacl
             self.enable_acl = self.dont_mask = False
+        # FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN: without it FUSE_PASSTHROUGH is not even
+        # offered at INIT, which would only make the mount count as stacked (max_stack_depth).
+        self.passthrough = PASSTHROUGH and bool((effective_caps() or 0) >> CAP_SYS_ADMIN & 1)
         self.modes = OpenModes(_backing_open if self.passthrough else None, _backing_close)
         self._uncapped: set[int] = set()  # inodes whose capabilities the kernel just removed
 

@@ -1211,13 +1211,25 @@ def lacks_fsetid(pid: int, uid: int) -> bool:
     root's."""
     try:
         if pid > 0 and os.readlink(f"/proc/{pid}/ns/user") == os.readlink("/proc/self/ns/user"):
-            with open(f"/proc/{pid}/status", "rb") as f:
-                for line in f:
-                    if line.startswith(b"CapEff:"):
-                        return not int(line.split()[1], 16) >> CAP_FSETID & 1
+            caps = effective_caps(pid)
+            if caps is not None:
+                return not caps >> CAP_FSETID & 1
     except OSError:
         pass
     return uid != 0
+
+
+def effective_caps(pid: int | str = "self") -> int | None:
+    """Process *pid*'s effective capability set, in its user namespace, as /proc tells; None
+    when it cannot."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return int(line.split()[1], 16)
+    except OSError:
+        pass
+    return None
 
 
 def _default_acl(dir_fd: int) -> bytes | None:

@@ -18,7 +18,7 @@ import pytest
 from overlayd.fs import DIRECT_WRITES, WRITE_KILL_SUIDGID, Operations
 from overlayd.inodes import ROOT_INODE
 from overlayd.options import parse_options
-from overlayd.overlay import Overlay, lacks_fsetid, open_layers
+from overlayd.overlay import Overlay, effective_caps, lacks_fsetid, open_layers
 from tests.conftest import needs_root
 from tests.mounting import poll
 
@@ -367,6 +367,20 @@ def _mode_attr(mode: int) -> pyfuse3.EntryAttributes:
 
 _MODE_ONLY: Any = SimpleNamespace(update_mode=True, update_uid=False, update_gid=False,
                                   update_size=False, update_atime=False, update_mtime=False)
+
+
+@pytest.mark.parametrize(("caps", "offered"), [(0, False), (1 << 21, True), (None, False)])
+def test_passthrough_is_offered_only_with_cap_sys_admin(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps: int | None, offered: bool) -> None:
+    """FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN: without it (a rootless daemon, or /proc
+    unreadable) FUSE_PASSTHROUGH is not offered at INIT (pyfuse3.init reads the attribute)."""
+    monkeypatch.setattr("overlayd.fs.effective_caps", lambda: caps)
+    operations = make_ops(tmp_path, writable=True)
+    try:
+        assert operations.passthrough is offered
+    finally:
+        operations.overlay.close()
+    assert effective_caps() is not None  # this process's own, from /proc
 
 
 @needs_root
