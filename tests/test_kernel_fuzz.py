@@ -694,6 +694,8 @@ class OverlayPair(RuleBasedStateMachine):
         self.same(what, code)
         opened = [number in side.ns[table] for side in self.sides]
         if all(opened) and not self.failed:
+            if stat.S_ISFIFO(os.fstat(self.sides[0].ns[table][number]).st_mode):
+                self.fifo_handles.add(number)  # see fd_call
             return True
         for side in self.sides:
             if number in side.ns[table]:
@@ -709,8 +711,6 @@ class OverlayPair(RuleBasedStateMachine):
         if self.same_open(f"open fd {number} {path}",
                           f"H[{number}] = os.open({path_at('M', path)}, {open_flags(flags)}, "
                           "0o640)", "H", number):
-            if stat.S_ISFIFO(os.fstat(self.sides[0].ns["H"][number]).st_mode):
-                self.fifo_handles.add(number)
             return multiple(number)
         return multiple()
 
