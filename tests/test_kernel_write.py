@@ -18,8 +18,8 @@ import pytest
 from tests.conftest import needs_fuse, needs_kernel_overlay
 from tests.differences import CHANGED, normalize
 from tests.mounting import KERNEL_PINNED, kernel_mounted, overlay_options, overlayd_mounted
-from tests.snapshot import Entry, diff_snapshots, snapshot
-from tests.write_scenario import REDIRECT_STEPS, STEPS, Step, build_lowers, run_steps
+from tests.snapshot import diff_snapshots, snapshot
+from tests.write_scenario import REDIRECT_STEPS, STEPS, Run, Step, build_lowers, run_steps
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mounted, needs_kernel_overlay, needs_fuse]
 
@@ -77,17 +77,11 @@ def mounted(kind: str, mnt: Path, opts: str, scenario: Scenario) -> Iterator[Non
 
 
 @dataclasses.dataclass
-class Run:
-    base: Path
-    lowers: list[Path]
-    outcomes: list[tuple[str, str]]
-    merged: dict[bytes, Entry]
-    upper: dict[bytes, Entry]
-    marks: dict[str, dict[str, bytes]]
+class ScenarioRun(Run):
     scenario: Scenario
 
 
-def run(kind: str, base: Path, since_ns: int, scenario: Scenario) -> Run:
+def run(kind: str, base: Path, since_ns: int, scenario: Scenario) -> ScenarioRun:
     base.mkdir()
     lowers = build_lowers(base)
     for name in ("upper", "work", "mnt"):
@@ -97,19 +91,20 @@ def run(kind: str, base: Path, since_ns: int, scenario: Scenario) -> Run:
         outcomes = run_steps(base / "mnt", scenario.steps)
         merged = normalize(snapshot(base / "mnt"), since_ns)
     upper = normalize(snapshot(base / "upper"), since_ns)
-    return Run(base, lowers, outcomes, merged, upper, overlay_marks(base / "upper"), scenario)
+    return ScenarioRun(base, lowers, outcomes, merged, upper, overlay_marks(base / "upper"),
+                       scenario)
 
 
 @pytest.fixture(scope="module", params=list(SCENARIOS))
 def runs(request: pytest.FixtureRequest,
-         tmp_path_factory: pytest.TempPathFactory) -> dict[str, Run]:
+         tmp_path_factory: pytest.TempPathFactory) -> dict[str, ScenarioRun]:
     scenario = SCENARIOS[request.param]
     base = tmp_path_factory.mktemp("write")
     since = time.time_ns() - 1_000_000_000
     return {kind: run(kind, base / kind, since, scenario) for kind in ("kernel", "overlayd")}
 
 
-def test_same_outcome_at_every_step(runs: dict[str, Run]) -> None:
+def test_same_outcome_at_every_step(runs: dict[str, ScenarioRun]) -> None:
     kernel, ours = runs["kernel"].outcomes, runs["overlayd"].outcomes
     assert len(kernel) == len(ours)
     differ = [f"{title}: kernel {k}, overlayd {o}"
@@ -119,28 +114,28 @@ def test_same_outcome_at_every_step(runs: dict[str, Run]) -> None:
     assert {o for _, o in kernel} >= runs["kernel"].scenario.errnos
 
 
-def test_same_merged_tree(runs: dict[str, Run]) -> None:
+def test_same_merged_tree(runs: dict[str, ScenarioRun]) -> None:
     assert diff_snapshots(runs["kernel"].merged, runs["overlayd"].merged) == []
 
 
-def test_same_upper_layer_on_disk(runs: dict[str, Run]) -> None:
+def test_same_upper_layer_on_disk(runs: dict[str, ScenarioRun]) -> None:
     assert diff_snapshots(runs["kernel"].upper, runs["overlayd"].upper) == []
     assert runs["kernel"].marks == runs["overlayd"].marks
     assert set(runs["overlayd"].marks) >= runs["overlayd"].scenario.marked
 
 
-def test_upper_whiteouts_are_kernel_whiteouts(runs: dict[str, Run]) -> None:
+def test_upper_whiteouts_are_kernel_whiteouts(runs: dict[str, ScenarioRun]) -> None:
     upper = runs["overlayd"].upper
     whiteouts = {p for p, e in upper.items() if e.kind == stat.S_IFCHR and e.rdev == (0, 0)}
     assert whiteouts >= runs["overlayd"].scenario.whiteouts
 
 
-def test_workdir_left_clean(runs: dict[str, Run]) -> None:
+def test_workdir_left_clean(runs: dict[str, ScenarioRun]) -> None:
     assert os.listdir(runs["overlayd"].base / "work" / "work") == []
 
 
 @pytest.mark.parametrize(("writer", "reader"), [("overlayd", "kernel"), ("kernel", "overlayd")])
-def test_cross_mount(runs: dict[str, Run], writer: str, reader: str) -> None:
+def test_cross_mount(runs: dict[str, ScenarioRun], writer: str, reader: str) -> None:
     """The upper one implementation wrote reads the same through the other."""
     written = runs[writer]
     mnt = written.base / "mnt"

@@ -18,7 +18,7 @@ from tests.conftest import needs_fuse, needs_kernel_overlay
 from tests.differences import CHANGED, normalize
 from tests.mounting import KERNEL_PINNED, kernel_mounted, overlay_options, overlayd_mounted
 from tests.snapshot import Entry, diff_snapshots, snapshot
-from tests.write_scenario import STEPS, build_lowers, run_steps
+from tests.write_scenario import STEPS, Run, build_lowers, run_steps
 
 pytestmark = [pytest.mark.kernel, pytest.mark.mounted, needs_kernel_overlay, needs_fuse]
 
@@ -58,16 +58,6 @@ def overlay_xattrs(root: Path) -> dict[str, dict[str, bytes]]:
                     found.setdefault(rel, {})[xname] = os.getxattr(path, xname,
                                                                    follow_symlinks=False)
     return found
-
-
-@dataclasses.dataclass
-class Run:
-    base: Path
-    lowers: list[Path]
-    outcomes: list[tuple[str, str]]
-    merged: dict[bytes, Entry]
-    upper: dict[bytes, Entry]
-    marks: dict[str, dict[str, bytes]]
 
 
 def mount(kind: str, mnt: Path, opts: str) -> contextlib.AbstractContextManager[object]:

@@ -10,9 +10,11 @@ import errno
 import os
 import stat
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from overlayd.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+from tests.snapshot import Entry
 
 Step = tuple[str, Callable[[Path], object]]
 
@@ -217,3 +219,16 @@ def run_steps(root: Path, steps: list[Step] = STEPS) -> list[tuple[str, str]]:
             outcome = errno.errorcode.get(e.errno or 0, str(e.errno))
         results.append((title, outcome))
     return results
+
+
+@dataclass
+class Run:
+    """One mount's run of the scenario: its stack, each step's outcome, and what it left (the
+    merged tree, the upper layer, and the upper layer's overlay xattrs)."""
+
+    base: Path
+    lowers: list[Path]
+    outcomes: list[tuple[str, str]]
+    merged: dict[bytes, Entry]
+    upper: dict[bytes, Entry]
+    marks: dict[str, dict[str, bytes]]
