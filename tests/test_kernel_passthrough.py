@@ -117,3 +117,37 @@ def test_opens_of_every_kind_mixed_on_one_file(tmp_path: Path) -> None:
             outputs.append((done.returncode, done.stdout, done.stderr))
     kernel_shows(outputs[0][0] == 0 and "MMAP!PASS+" in outputs[0][1], str(outputs[0]))
     assert outputs[1] == outputs[0]
+
+
+CACHED_THEN_PASSTHROUGH = r"""
+import os
+with open("f", "rb") as r:  # copied up below, then read through the page cache
+    pass
+w = os.open("f", os.O_WRONLY)
+os.close(w)
+out = []
+r = os.open("f", os.O_RDONLY)
+out.append(os.pread(r, 8192, 0)[4090:4100])
+os.close(r)
+a = os.open("f", os.O_RDWR)  # nothing else open: passthrough
+os.pwrite(a, b"ZZZZ", 4094)
+os.close(a)
+c = os.open("f", os.O_RDONLY)  # through the page cache: the new bytes, not what it kept
+out.append(os.pread(c, 8192, 0)[4090:4100])
+os.close(c)
+print(out)
+"""
+
+
+def test_a_page_cache_open_after_passthrough_writes_reads_them(tmp_path: Path) -> None:
+    def build(lowers: list[Path]) -> None:
+        (lowers[0] / "f").write_bytes(b"a" * 8192)
+
+    outputs = []
+    with mounted_pair(tmp_path, build, layers=1) as pair:
+        for mnt in (pair.kernel, pair.ours):
+            done = subprocess.run(["python3", "-c", CACHED_THEN_PASSTHROUGH], cwd=mnt,
+                                  capture_output=True, text=True)
+            outputs.append((done.returncode, done.stdout, done.stderr))
+    kernel_shows(outputs[0] == (0, "[b'aaaaaaaaaa', b'aaaaZZZZaa']\n", ""), str(outputs[0]))
+    assert outputs[1] == outputs[0]
