@@ -246,10 +246,8 @@ class Operations(pyfuse3.Operations):
         backing_id = self.modes.passthrough(handle.fh, node.ino, handle.fd,
                                             handle.layer == 0 and not flags & os.O_DIRECT)
         if backing_id:
-            if flags & os.O_ACCMODE != os.O_RDONLY:
-                # Its writes pass the page cache by: the next open through the cache, once
-                # the passthrough ones are closed, drops what it kept.
-                node.partial_pages = True
+            # Its writes pass the page cache by; the kernel drops the cached pages at every open
+            # without keep_cache, and caches none while passthrough opens exist.
             return pyfuse3.FileInfo(fh=fh, keep_cache=False, backing_id=backing_id)
         # Write-only: nothing can be read or mapped through it, so the page cache serves it
         # nothing; the kernel drops other openers' cached pages of the range it writes.
@@ -379,7 +377,8 @@ class Operations(pyfuse3.Operations):
         nothing = not (fields.update_mode or fields.update_uid or fields.update_gid
                        or fields.update_size or fields.update_atime or fields.update_mtime)
         uncapped = inode in self._uncapped
-        self._uncapped.discard(inode)
+        if uncapped:
+            self._uncapped.remove(inode)
         st = ov.setattr(
             node,
             mode=attr.st_mode if fields.update_mode else None,

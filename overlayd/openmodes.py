@@ -75,7 +75,10 @@ class OpenModes:
         return backing.id
 
     def cached(self, fh: int, ino: int) -> None:
-        """Handle *fh* of node *ino* is open through the kernel's page cache."""
+        """Handle *fh* of node *ino* is open through the kernel's page cache (counted only
+        while passthrough can still start: it holds that back)."""
+        if self._backing_open is None:
+            return
         self._cached[ino] = self._cached.get(ino, 0) + 1
         self._handles[fh] = (ino, False)
 
