@@ -132,7 +132,9 @@ def resolve(dirs: DirStack, name: bytes, roots: Sequence[int] = (),
             continue
         leaf = parts[-1]
         try:
-            stop, is_dir, st, redirect = _probe(base, leaf, fmt)
+            # In the last layer to look in, a name's absence is the answer: whether a .wh.
+            # whiteout hides it from layers below does not matter, there are none.
+            stop, is_dir, st, redirect = _probe(base, leaf, fmt, pos < len(candidates))
             if st is not None and (top is None or is_dir):
                 if top is None:
                     top = st
@@ -180,13 +182,13 @@ def walk_dirs(base: int, parts: tuple[bytes, ...]) -> int | None:
     return fd
 
 
-def _probe(dir_fd: int, name: bytes, fmt: XattrFormat = ALL_FORMATS
+def _probe(dir_fd: int, name: bytes, fmt: XattrFormat = ALL_FORMATS, below: bool = True
            ) -> tuple[bool, bool, os.stat_result | None, bytes | None]:
     """Look at *name* in one layer: (stop the search here, is a directory, its stat, its
-    redirect)."""
+    redirect). Without layers *below* to search, an absent name is not looked for further."""
     st = lstat_at(dir_fd, name)
     if st is None:
-        return has_oci_whiteout(dir_fd, name), False, None, None
+        return below and has_oci_whiteout(dir_fd, name), False, None, None
     if is_whiteout(st):
         return True, False, None, None
     if not stat.S_ISDIR(st.st_mode):

@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 LIST_TO_LOOK_UP = 8
 
 T = TypeVar("T")
+# Makes a new object at a name in a directory fd; returns an fd on it if it opened one.
+Make = Callable[[int, bytes], "int | None"]
 
 CAP_FSETID = 4  # linux/capability.h
 SETID = stat.S_ISUID | stat.S_ISGID
@@ -139,6 +141,8 @@ class Overlay:
         # Inodes whose attributes the kernel may cache although a change made them stale
         # (a copied-up directory becomes merged): the adapter tells the kernel after each request.
         self.stale_attrs: list[int] = []
+        # Who makes new upper objects: an object made with the owner asked for needs no chown.
+        self._euid, self._egid = os.geteuid(), os.getegid()
         self.work_fd = -1
         if self.upper is not None and opts.workdir is not None:
             wfd = os.open(opts.workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -692,7 +696,7 @@ class Overlay:
                          os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600,
                          dir_fd=dir_fd))
 
-    def _new_object(self, parent: Node, name: bytes, make: Callable[[int, bytes], None],
+    def _new_object(self, parent: Node, name: bytes, make: Make,
                     owner: tuple[int, int] | None, is_dir: bool,
                     umask: int = 0, setid: int = 0) -> os.stat_result:
         """Publish a new object at *name*, replacing an upper whiteout atomically; *setid*: the
@@ -705,41 +709,53 @@ class Overlay:
         finally:
             self._changed(parent)
 
-    def _publish(self, pfd: int, name: bytes, make: Callable[[int, bytes], None],
-                 owner: tuple[int, int] | None, is_dir: bool, umask: int,
-                 setid: int = 0) -> os.stat_result:
-        """*umask*: the caller's, under which *make* runs, as the kernel's overlay makes the
-        object (its ovl_create_upper leaves the umask to an upper filesystem with POSIX ACLs):
-        the upper filesystem applies the parent's default ACL if it has one, else the umask.
-        The mount has POSIX ACLs too (Operations.enable_acl), so the kernel sends the mode
-        unmasked, and the umask beside it. The daemon's own umask is 0 (modes given in full)."""
+    def _publish(self, pfd: int, name: bytes, make: Make, owner: tuple[int, int] | None,
+                 is_dir: bool, umask: int, setid: int = 0) -> os.stat_result:
+        """*make* makes the object, and returns an fd on it if it opened one. *umask*: the
+        caller's, under which *make* runs, as the kernel's overlay makes the object (its
+        ovl_create_upper leaves the umask to an upper filesystem with POSIX ACLs): the upper
+        filesystem applies the parent's default ACL if it has one, else the umask. The mount
+        has POSIX ACLs too (Operations.enable_acl), so the kernel sends the mode unmasked, and
+        the umask beside it. The daemon's own umask is 0 (modes given in full)."""
         pst = os.fstat(pfd)
         sgid = bool(pst.st_mode & stat.S_ISGID)
+        made: list[int] = []  # the fd make returned
 
         def build(dir_fd: int, n: bytes) -> None:
             if umask:
                 old = os.umask(umask)
                 try:
-                    make(dir_fd, n)
+                    fd = make(dir_fd, n)
                 finally:
                     os.umask(old)
             else:
-                make(dir_fd, n)
-            if owner is not None:
-                # A setgid directory hands its group down, as the upper filesystem would.
-                uid, gid = owner[0], pst.st_gid if sgid else owner[1]
-                self._chown(n, uid, gid, dir_fd=dir_fd)
-                if is_dir and sgid:
-                    mode = os.stat(n, dir_fd=dir_fd).st_mode
-                    os.chmod(n, stat.S_IMODE(mode) | stat.S_ISGID, dir_fd=dir_fd)
-                elif setid:
-                    _restore_setid(dir_fd, n, setid)
+                fd = make(dir_fd, n)
+            if fd is not None:
+                made.append(fd)
+            if owner is None:
+                return
+            # A setgid directory hands its group down, as the upper filesystem would.
+            uid, gid = owner[0], pst.st_gid if sgid else owner[1]
+            if dir_fd == pfd and (uid, gid) == (self._euid, pst.st_gid if sgid else self._egid):
+                return  # made with that owner already (our fsuid, and the group it hands down)
+            self._chown(n, uid, gid, dir_fd=dir_fd)
+            if is_dir and sgid:
+                mode = os.stat(n, dir_fd=dir_fd).st_mode
+                os.chmod(n, stat.S_IMODE(mode) | stat.S_ISGID, dir_fd=dir_fd)
+            elif setid:
+                _restore_setid(dir_fd, n, setid)
 
-        existing = lstat_at(pfd, name)
-        if existing is None:
-            oci_whiteout = has_oci_whiteout(pfd, name)
+        try:
+            # Made in place first: the name is almost always free (the lookup just said so),
+            # and make refuses (EEXIST) what is there, a whiteout too.
             build(pfd, name)
-            if oci_whiteout:
+        except FileExistsError:
+            existing = lstat_at(pfd, name)
+            if existing is None or not is_whiteout(existing):
+                raise OverlayError("exists in upper", errno.EEXIST) from None
+            self._build_over_whiteout(pfd, name, build, is_dir)
+        else:
+            if has_oci_whiteout(pfd, name):
                 # Over a .wh. whiteout (ours where mknod is refused, or an OCI layer's): a
                 # directory is opaque, as one made over a char 0/0 whiteout, before the
                 # whiteout goes.
@@ -747,41 +763,42 @@ class Overlay:
                     copyup.set_opaque(fd_path(pfd, name), self.opaque_xattr)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(WHITEOUT_PREFIX + name, dir_fd=pfd)
-        elif is_whiteout(existing):
-            # The kernel's ovl_create_over_whiteout: build in the workdir, exchange with the
-            # whiteout, drop the whiteout. A directory made over a whiteout is opaque.
-            def build_over(dir_fd: int, n: bytes) -> None:
-                build(dir_fd, n)
-                if is_dir:
-                    copyup.set_opaque(fd_path(dir_fd, n), self.opaque_xattr)
-
-            default_acl = _default_acl(pfd)
-            if default_acl is None:
-                tmp = copyup.build_in_work(self.work_fd, build_over)
-                renameat2(self.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
-                os.unlink(tmp, dir_fd=self.work_fd)
-            else:
-                # ovl_create_over_whiteout also gives the object the ACLs that the parent's
-                # default ACL hands down (posix_acl_create), umask or not: build it inside a
-                # workdir directory holding that default ACL, and the upper filesystem does.
-                def holder(dir_fd: int, n: bytes) -> None:
-                    os.mkdir(n, 0o700, dir_fd=dir_fd)
-                    os.setxattr(fd_path(dir_fd, n), ACL_XATTRS[1], default_acl)
-
-                tmp = copyup.build_in_work(self.work_fd, holder)
-                try:
-                    hfd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
-                                  dir_fd=self.work_fd)
-                    try:
-                        build_over(hfd, name)
-                        renameat2(hfd, name, pfd, name, RENAME_EXCHANGE)
-                    finally:
-                        os.close(hfd)
-                finally:
-                    copyup.discard(self.work_fd, tmp)  # and the whiteout, exchanged into it
-        else:
-            raise OverlayError("exists in upper", errno.EEXIST)
+        if made:
+            return os.fstat(made[0])
         return os.stat(name, dir_fd=pfd, follow_symlinks=False)
+
+    def _build_over_whiteout(self, pfd: int, name: bytes, build: Callable[[int, bytes], None],
+                             is_dir: bool) -> None:
+        """The kernel's ovl_create_over_whiteout: build in the workdir, exchange with the
+        whiteout, drop the whiteout. A directory made over a whiteout is opaque."""
+        def build_over(dir_fd: int, n: bytes) -> None:
+            build(dir_fd, n)
+            if is_dir:
+                copyup.set_opaque(fd_path(dir_fd, n), self.opaque_xattr)
+
+        default_acl = _default_acl(pfd)
+        if default_acl is None:
+            tmp = copyup.build_in_work(self.work_fd, build_over)
+            renameat2(self.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
+            os.unlink(tmp, dir_fd=self.work_fd)
+            return
+        # ovl_create_over_whiteout also gives the object the ACLs that the parent's default
+        # ACL hands down (posix_acl_create), umask or not: build it inside a workdir directory
+        # holding that default ACL, and the upper filesystem does.
+        def holder(dir_fd: int, n: bytes) -> None:
+            os.mkdir(n, 0o700, dir_fd=dir_fd)
+            os.setxattr(fd_path(dir_fd, n), ACL_XATTRS[1], default_acl)
+
+        tmp = copyup.build_in_work(self.work_fd, holder)
+        try:
+            hfd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.work_fd)
+            try:
+                build_over(hfd, name)
+                renameat2(hfd, name, pfd, name, RENAME_EXCHANGE)
+            finally:
+                os.close(hfd)
+        finally:
+            copyup.discard(self.work_fd, tmp)  # and the whiteout, exchanged into it
 
     def _published(self, parent: Node, name: bytes, st: os.stat_result) -> Node:
         is_dir = stat.S_ISDIR(st.st_mode)
@@ -793,17 +810,22 @@ class Overlay:
         oflags = ((flags & ~(os.O_TRUNC | NOT_PASSED)) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
                   | os.O_CLOEXEC)
 
-        def make(dir_fd: int, n: bytes) -> None:
+        def make(dir_fd: int, n: bytes) -> int:
             fds.append(os.open(n, oflags, stat.S_IMODE(mode), dir_fd=dir_fd))
+            return fds[-1]
 
         try:
             st = self._new_object(parent, name, make, owner, False, umask, mode & SETID)
+            # Listed now, through the fd at hand: the kernel asks for security.capability
+            # before the first write, and a path through /proc costs more than this.
+            xattr_names = frozenset(os.fsencode(n) for n in os.listxattr(fds[0]))
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         node = self._published(parent, name, st)
         node.maybe_setid = bool(st.st_mode & SETID)
+        node.xattr_names = xattr_names
         return self._new_handle(fds[0], node, 0), node, st
 
     def mkdir(self, parent: Node, name: bytes, mode: int,
