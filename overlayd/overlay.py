@@ -128,6 +128,9 @@ class Overlay:
         root.fds = {layer.index: layer.fd for layer in layers}
         self.table = InodeTable(root)
         self.handles: dict[int, Handle] = {}
+        # A node's latest handle, while open: its fd reaches the node's object without a path
+        # walk (fchown, fstat...), as long as the handle is open in the node's top layer.
+        self._latest: dict[Node, Handle] = {}
         self.dir_handles: dict[int, Node] = {}  # open directories
         self._next_fh = 1
         # Real objects whose inode number is not the xino one: copied-up objects keep their
@@ -202,6 +205,7 @@ class Overlay:
         for handle in self.handles.values():
             os.close(handle.fd)
         self.handles.clear()
+        self._latest.clear()
         self.dir_handles.clear()
         for node in list(self.table):
             if node is not self.table.root:
@@ -423,6 +427,9 @@ class Overlay:
             return node.final_st
         if node.parent is None:
             return os.fstat(self.layers[node.top].fd)
+        fd = self._top_fd(node)
+        if fd is not None:
+            return os.fstat(fd)
         return os.stat(node.name, dir_fd=self.dir_fd(node.parent, node.top),
                        follow_symlinks=False)
 
@@ -448,9 +455,19 @@ class Overlay:
 
     def _open_fd(self, node: Node) -> int | None:
         """The fd of an open handle on *node*, if any."""
+        latest = self._latest.get(node)
+        if latest is not None:
+            return latest.fd
         for handle in self.handles.values():
             if handle.node is node:
                 return handle.fd
+        return None
+
+    def _top_fd(self, node: Node) -> int | None:
+        """An fd on *node*'s object, from a handle open in its top layer, if there is one."""
+        latest = self._latest.get(node)
+        if latest is not None and latest.layer == node.top:
+            return latest.fd
         return None
 
     def _unlinked_target(self, node: Node) -> bytes | int:
@@ -468,7 +485,8 @@ class Overlay:
         to it, what is left of it (the kernel acts on the open inode)."""
         if node.unlinked:
             return self._unlinked_target(node)
-        return self.xattr_path(node)
+        fd = self._top_fd(node)
+        return self.xattr_path(node) if fd is None else fd
 
     def _xattr_call(self, call: Callable[..., T], node: Node, *args: object) -> T:
         target = self._target(node)
@@ -528,6 +546,7 @@ class Overlay:
         self._next_fh += 1
         handle = Handle(fh, fd, node, layer)
         self.handles[fh] = handle
+        self._latest[node] = handle
         return handle
 
     def handle(self, fh: int) -> Handle:
@@ -557,6 +576,8 @@ class Overlay:
     def release(self, fh: int) -> None:
         handle = self.handles.pop(fh, None)
         if handle is not None:
+            if self._latest.get(handle.node) is handle:
+                del self._latest[handle.node]
             os.close(handle.fd)
 
     def _list(self, node: Node, cache: DirCache) -> list[bytes]:
@@ -1097,7 +1118,9 @@ class Overlay:
         elif node.parent is None:
             fd = self.layers[0].fd
         else:
-            dir_fd, name = self.dir_fd(node.parent, 0), node.name
+            fd = self._top_fd(node)  # an open file's fd spares the path walks
+            if fd is None:
+                dir_fd, name = self.dir_fd(node.parent, 0), node.name
         if clear_privs is not None:
             self._clear_privs(name if fd is None else fd, None if fd is not None else dir_fd,
                               follow, clear_privs, uncapped)

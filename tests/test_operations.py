@@ -21,6 +21,7 @@ from overlayd.options import parse_options
 from overlayd.overlay import Overlay, effective_caps, lacks_fsetid, open_layers
 from tests.conftest import needs_root
 from tests.mounting import poll
+from tests.test_kernel_acl import DEFAULT, file_acl
 
 CTX: Any = SimpleNamespace(uid=os.getuid(), gid=os.getgid(), pid=os.getpid(), umask=0o022)
 
@@ -204,6 +205,45 @@ async def test_create_owned_by_caller(ops: Operations, tmp_path: Path) -> None:
     assert stat.S_IMODE(attr.st_mode) == 0o640
     st = os.lstat(tmp_path / "upper" / "new")
     assert (st.st_uid, st.st_gid) == (4321, 8765)
+    await ops.release(info.fh)
+    await ops.forget([(attr.st_ino, 1)])
+
+
+async def test_changes_reach_the_upper_copy_past_an_open_lower_handle(
+        ops: Operations, tmp_path: Path) -> None:
+    """An open file's fd stands in for its name (Overlay._top_fd), but only in the node's top
+    layer: a handle opened below before the copy-up still holds the lower file."""
+    g = await ops.lookup(ROOT_INODE, b"g", CTX)
+    reader = await ops.open(g.st_ino, os.O_RDONLY, CTX)
+    lower = tmp_path / "lower1" / "g"
+    before = os.lstat(lower)
+    attr = pyfuse3.EntryAttributes()
+    attr.st_mode, attr.st_mtime_ns = stat.S_IFREG | 0o600, 10**18
+    changed = await ops.setattr(g.st_ino, attr, _fields(update_mode=True, update_mtime=True),
+                                None, CTX)
+    await ops.setxattr(g.st_ino, b"user.new", b"v", CTX)
+    assert (stat.S_IMODE(changed.st_mode), changed.st_mtime_ns) == (0o600, 10**18)
+    upper = os.lstat(tmp_path / "upper" / "g")
+    assert (stat.S_IMODE(upper.st_mode), upper.st_mtime_ns) == (0o600, 10**18)
+    assert os.getxattr(tmp_path / "upper" / "g", "user.new") == b"v"
+    after = os.lstat(lower)
+    assert (after.st_mode, after.st_mtime_ns) == (before.st_mode, before.st_mtime_ns)
+    assert os.listxattr(lower) == ["user.shown"]
+    assert (await ops.getattr(g.st_ino, CTX)).st_mtime_ns == 10**18
+    await ops.release(reader.fh)
+
+
+async def test_created_file_answers_xattrs_it_was_given(ops: Operations, tmp_path: Path) -> None:
+    """A new file's xattr names are listed at create (through its fd): what the upper
+    filesystem gave it, such as the parent's default ACL, is there to read at once."""
+    upper = tmp_path / "upper"
+    os.setxattr(upper, DEFAULT, file_acl(6, 4, 4, nobody=4))
+    info, attr = await ops.create(ROOT_INODE, b"new", stat.S_IFREG | 0o640, os.O_WRONLY, CTX)
+    acl = await ops.getxattr(attr.st_ino, b"system.posix_acl_access", CTX)
+    assert acl == os.getxattr(upper / "new", "system.posix_acl_access")
+    with pytest.raises(pyfuse3.FUSEError) as excinfo:
+        await ops.getxattr(attr.st_ino, b"security.capability", CTX)
+    assert excinfo.value.errno == errno.ENODATA
     await ops.release(info.fh)
     await ops.forget([(attr.st_ino, 1)])
 
