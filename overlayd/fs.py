@@ -63,6 +63,8 @@ def fuse_op(
 
     @functools.wraps(fn)
     async def handler(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        if self.trace:
+            log.debug("request %s%r", name, _shown(args))
         try:
             try:
                 return fn(self, *args, **kwargs)
@@ -72,19 +74,26 @@ def fuse_op(
         except pyfuse3.FUSEError:
             raise
         except OverlayError as e:
-            log.debug("%s%r: %s (errno %d)", name, args, e, e.errno)
+            log.debug("%s%r: %s (errno %d)", name, _shown(args), e, e.errno)
             raise pyfuse3.FUSEError(e.errno) from None
         except OSError as e:
             if e.errno is None:
-                log.exception("%s%r failed without an errno", name, args)
+                log.exception("%s%r failed without an errno", name, _shown(args))
                 raise pyfuse3.FUSEError(errno.EIO) from None
-            log.debug("%s%r: %s", name, args, e)
+            log.debug("%s%r: %s", name, _shown(args), e)
             raise pyfuse3.FUSEError(e.errno) from None
         except Exception:
-            log.exception("unexpected error in %s%r", name, args)
+            log.exception("unexpected error in %s%r", name, _shown(args))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return handler
+
+
+def _shown(args: tuple[object, ...]) -> tuple[object, ...]:
+    """A request's arguments as logged: numbers and names (inodes, handles, offsets, flags),
+    not the request context nor the attributes."""
+    return tuple(a if not isinstance(a, bytes) or len(a) <= 64 else a[:64] + b"..."
+                 for a in args if isinstance(a, (int, bytes)))
 
 
 class Operations(pyfuse3.Operations):
@@ -119,6 +128,8 @@ class Operations(pyfuse3.Operations):
     def __init__(self, overlay: Overlay) -> None:
         super().__init__()
         self.overlay = overlay
+        # -d: every request is logged, as it arrives (its failure too, once answered).
+        self.trace = log.isEnabledFor(logging.DEBUG)
         if not overlay.opts.acl:  # -o noacl
             self.enable_acl = self.dont_mask = False
         # FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN: without it FUSE_PASSTHROUGH is not even
@@ -176,6 +187,8 @@ class Operations(pyfuse3.Operations):
 
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         # Never raises: the kernel cannot be told about a failed forget.
+        if self.trace:
+            log.debug("request forget%r", tuple(inode_list))
         for ino, nlookup in inode_list:
             try:
                 self.overlay.forget(ino, nlookup)

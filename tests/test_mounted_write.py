@@ -44,6 +44,23 @@ def test_sparse_copy_up_stays_sparse(stack: dict[str, Path]) -> None:
         assert f.read(4098) == b"\0" + b"x" * 4096 + b"\0"
 
 
+@needs_root
+def test_chown_sends_no_getattr_first(stack: dict[str, Path]) -> None:
+    """FUSE_HANDLE_KILLPRIV_V2, which our binding adds to the INIT reply: the kernel leaves the
+    clearing of set-id bits to us, and stops asking for a file's attributes before each chown
+    (fuse_setattr). -d logs every request as it arrives."""
+    with overlayd_mounted(stack["mnt"], writable(stack), "-d") as daemon:
+        path = stack["mnt"] / "f"
+        path.write_bytes(b"x")
+        ino = os.stat(path).st_ino  # fresh attributes: nothing else needs a GETATTR
+        before = len(daemon.log())
+        os.chown(path, 65534, -1)
+        requests = [line.split(" request ", 1)[1] for line in daemon.log()[before:].splitlines()
+                    if " request " in line]
+    assert f"setattr({ino},)" in requests, requests
+    assert f"getattr({ino},)" not in requests, requests
+
+
 def test_reader_sees_bytes_of_a_later_copy_up(stack: dict[str, Path]) -> None:
     """The one deliberate difference from the kernel (whose old handle keeps the lower bytes)."""
     (stack["lower2"] / "f").write_bytes(b"lower bytes")
