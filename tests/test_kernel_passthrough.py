@@ -1,5 +1,6 @@
 """Passthrough (FOPEN_PASSTHROUGH, overlayd/openmodes.py): the kernel reads and writes an
-upper file itself, without the daemon; a lower file stays with the daemon; and opens of every
+upper file itself, without the daemon; a lower file stays with the daemon, but in a read-only
+mount; and opens of every
 kind on one file, mixed as the kernel would refuse them (EIO), give the kernel's overlay's
 bytes. Root only: the kernel hands out backing files to CAP_SYS_ADMIN."""
 
@@ -66,6 +67,35 @@ def test_an_upper_file_is_read_and_written_without_the_daemon(tmp_path: Path) ->
             os.close(made)
             os.close(below)
     assert (upper / "made").read_bytes() == b"abpassed89"
+
+
+def test_a_read_only_mount_reads_every_layer_without_the_daemon(tmp_path: Path) -> None:
+    """Nothing is copied up in a read-only mount, so a lower file's readers never move: every
+    file is opened passthrough, the bottom layer's too."""
+    top, bottom, mnt = (tmp_path / n for n in ("top", "bottom", "mnt"))
+    for d in (top, bottom, mnt):
+        d.mkdir()
+    (top / "t").write_bytes(b"top bytes")
+    (bottom / "b").write_bytes(b"bottom bytes")
+    with overlayd_mounted(mnt, overlay_options([top, bottom])) as daemon:
+        fds = [os.open(mnt / name, os.O_RDONLY) for name in ("t", "b")]
+        try:
+            os.kill(daemon.proc.pid, signal.SIGSTOP)
+            try:
+                reads = [Call(lambda fd=fd: os.pread(fd, 20, 0)) for fd in fds]
+                for call in reads:
+                    call.start()
+                for call in reads:
+                    call.join(10)
+                stopped = [call.result for call in reads]
+            finally:
+                os.kill(daemon.proc.pid, signal.SIGCONT)
+            for call in reads:
+                call.join(10)
+            assert stopped == [b"top bytes", b"bottom bytes"]
+        finally:
+            for fd in fds:
+                os.close(fd)
 
 
 MIXED = r"""
