@@ -60,11 +60,12 @@ def fuse_op(
 ) -> Callable[Concatenate[Operations, P], Coroutine[Any, Any, R]]:
     """Make a synchronous handler a pyfuse3 coroutine with the single error boundary."""
     name = fn.__name__
+    payload = PAYLOAD.get(name)
 
     @functools.wraps(fn)
     async def handler(self: Operations, /, *args: P.args, **kwargs: P.kwargs) -> R:
         if self.trace:
-            log.debug("request %s%r", name, _shown(args))
+            log.debug("request %s%r", name, _shown(args, payload))
         try:
             try:
                 return fn(self, *args, **kwargs)
@@ -74,26 +75,31 @@ def fuse_op(
         except pyfuse3.FUSEError:
             raise
         except OverlayError as e:
-            log.debug("%s%r: %s (errno %d)", name, _shown(args), e, e.errno)
+            log.debug("%s%r: %s (errno %d)", name, _shown(args, payload), e, e.errno)
             raise pyfuse3.FUSEError(e.errno) from None
         except OSError as e:
             if e.errno is None:
-                log.exception("%s%r failed without an errno", name, _shown(args))
+                log.exception("%s%r failed without an errno", name, _shown(args, payload))
                 raise pyfuse3.FUSEError(errno.EIO) from None
-            log.debug("%s%r: %s", name, _shown(args), e)
+            log.debug("%s%r: %s", name, _shown(args, payload), e)
             raise pyfuse3.FUSEError(e.errno) from None
         except Exception:
-            log.exception("unexpected error in %s%r", name, _shown(args))
+            log.exception("unexpected error in %s%r", name, _shown(args, payload))
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return handler
 
 
-def _shown(args: tuple[object, ...]) -> tuple[object, ...]:
+# The argument that carries data, by handler: logged by its length only.
+PAYLOAD = {"write": 2, "setxattr": 2}
+
+
+def _shown(args: tuple[object, ...], payload: int | None = None) -> tuple[object, ...]:
     """A request's arguments as logged: numbers and names (inodes, handles, offsets, flags),
-    not the request context nor the attributes."""
-    return tuple(a if not isinstance(a, bytes) or len(a) <= 64 else a[:64] + b"..."
-                 for a in args if isinstance(a, (int, bytes)))
+    not the request context nor the attributes, and the *payload* argument (a write's data,
+    an xattr's value) by its length."""
+    return tuple(f"<{len(a)} bytes>" if i == payload and isinstance(a, bytes) else a
+                 for i, a in enumerate(args) if isinstance(a, (int, bytes)))
 
 
 class Operations(pyfuse3.Operations):

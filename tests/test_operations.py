@@ -248,6 +248,24 @@ async def test_created_file_answers_xattrs_it_was_given(ops: Operations, tmp_pat
     await ops.forget([(attr.st_ino, 1)])
 
 
+async def test_debug_log_has_every_request_and_no_data(
+        ops: Operations, caplog: pytest.LogCaptureFixture) -> None:
+    ops.trace = True  # as -d sets it
+    caplog.set_level(logging.DEBUG, logger="overlayd.fs")
+    info, attr = await ops.create(ROOT_INODE, b"new", stat.S_IFREG | 0o640, os.O_WRONLY, CTX)
+    await ops.write(info.fh, 0, b"secret")
+    await ops.setxattr(attr.st_ino, b"user.key", b"value", CTX)
+    await ops.release(info.fh)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        f"request create(1, b'new', {stat.S_IFREG | 0o640}, {os.O_WRONLY})",
+        f"request write({info.fh}, 0, '<6 bytes>')",
+        f"request setxattr({attr.st_ino}, b'user.key', '<5 bytes>')",
+        f"request release({info.fh},)",
+    ]
+    await ops.forget([(attr.st_ino, 1)])
+
+
 async def test_flush_is_not_implemented(ops: Operations) -> None:
     """ENOSYS to FLUSH makes the kernel stop sending it: one request fewer per close(2)."""
     with pytest.raises(pyfuse3.FUSEError) as excinfo:
