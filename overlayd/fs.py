@@ -21,7 +21,7 @@ from overlayd.constants import ATTR_TIMEOUT, CAPABILITY, ENTRY_TIMEOUT, NEGATIVE
 from overlayd.errors import OverlayError
 from overlayd.inodes import Node
 from overlayd.openmodes import OpenModes
-from overlayd.overlay import Handle, Overlay, effective_caps
+from overlayd.overlay import Handle, Overlay, effective_caps, in_initial_user_namespace
 
 log = logging.getLogger(__name__)
 
@@ -138,9 +138,12 @@ class Operations(pyfuse3.Operations):
         self.trace = log.isEnabledFor(logging.DEBUG)
         if not overlay.opts.acl:  # -o noacl
             self.enable_acl = self.dont_mask = False
-        # FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN: without it FUSE_PASSTHROUGH is not even
-        # offered at INIT, which would only make the mount count as stacked (max_stack_depth).
-        self.passthrough = PASSTHROUGH and bool((effective_caps() or 0) >> CAP_SYS_ADMIN & 1)
+        # FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN in the initial user namespace (the
+        # kernel's capable()): without it FUSE_PASSTHROUGH is not even offered at INIT, which
+        # would only make the mount count as stacked (max_stack_depth). A rootless podman's
+        # mount program has CAP_SYS_ADMIN in its own user namespace only.
+        self.passthrough = (PASSTHROUGH and bool((effective_caps() or 0) >> CAP_SYS_ADMIN & 1)
+                            and in_initial_user_namespace())
         self.modes = OpenModes(_backing_open if self.passthrough else None, _backing_close)
         self._uncapped: set[int] = set()  # inodes whose capabilities the kernel just removed
 

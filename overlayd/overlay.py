@@ -1277,6 +1277,16 @@ def effective_caps(pid: int | str = "self") -> int | None:
     return None
 
 
+def in_initial_user_namespace(uid_map: str = "/proc/self/uid_map") -> bool:
+    """Whether this process is in the initial user namespace, whose uid map is the identity
+    over every id; False when /proc cannot tell."""
+    try:
+        with open(uid_map, "rb") as f:
+            return f.read().split() == [b"0", b"0", b"4294967295"]
+    except OSError:
+        return False
+
+
 def _default_acl(dir_fd: int) -> bytes | None:
     """The directory's default POSIX ACL, if it has one."""
     try:

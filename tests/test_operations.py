@@ -18,7 +18,13 @@ import pytest
 from overlayd.fs import DIRECT_WRITES, WRITE_KILL_SUIDGID, Operations
 from overlayd.inodes import ROOT_INODE
 from overlayd.options import parse_options
-from overlayd.overlay import Overlay, effective_caps, lacks_fsetid, open_layers
+from overlayd.overlay import (
+    Overlay,
+    effective_caps,
+    in_initial_user_namespace,
+    lacks_fsetid,
+    open_layers,
+)
 from tests.conftest import needs_root
 from tests.mounting import poll
 from tests.test_kernel_acl import DEFAULT, file_acl
@@ -427,18 +433,34 @@ _MODE_ONLY: Any = SimpleNamespace(update_mode=True, update_uid=False, update_gid
                                   update_size=False, update_atime=False, update_mtime=False)
 
 
-@pytest.mark.parametrize(("caps", "offered"), [(0, False), (1 << 21, True), (None, False)])
+@pytest.mark.parametrize(("caps", "initial_ns", "offered"),
+                         [(0, True, False), (1 << 21, True, True), (None, True, False),
+                          (1 << 21, False, False)])
 def test_passthrough_is_offered_only_with_cap_sys_admin(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps: int | None, offered: bool) -> None:
-    """FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN: without it (a rootless daemon, or /proc
-    unreadable) FUSE_PASSTHROUGH is not offered at INIT (pyfuse3.init reads the attribute)."""
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps: int | None, initial_ns: bool,
+        offered: bool) -> None:
+    """FUSE_DEV_IOC_BACKING_OPEN needs CAP_SYS_ADMIN in the initial user namespace: without it
+    (a rootless daemon, a user namespace's root, or /proc unreadable) FUSE_PASSTHROUGH is not
+    offered at INIT (pyfuse3.init reads the attribute)."""
     monkeypatch.setattr("overlayd.fs.effective_caps", lambda: caps)
+    monkeypatch.setattr("overlayd.fs.in_initial_user_namespace", lambda: initial_ns)
     operations = make_ops(tmp_path, writable=True)
     try:
         assert operations.passthrough is offered
     finally:
         operations.overlay.close()
     assert effective_caps() is not None  # this process's own, from /proc
+
+
+def test_initial_user_namespace_is_the_identity_uid_map(tmp_path: Path) -> None:
+    uid_map = tmp_path / "uid_map"
+    uid_map.write_text("         0          0 4294967295\n")
+    assert in_initial_user_namespace(str(uid_map))
+    uid_map.write_text("         0       1000          1\n         1     100000      65536\n")
+    assert not in_initial_user_namespace(str(uid_map))
+    assert not in_initial_user_namespace(str(tmp_path / "missing"))
+    # The daemon's own answer is what test_kernel_passthrough relies on: were it False here,
+    # passthrough would not be offered and its stopped-daemon write would hang.
 
 
 @needs_root
