@@ -265,12 +265,13 @@ class Operations(pyfuse3.Operations):
     def _file_info(self, handle: Handle, flags: int, created: bool) -> pyfuse3.FileInfo:
         fh = pyfuse3.FileHandleT(handle.fh)
         node = handle.node
-        # A lower file of a writable mount stays with us: a copy-up moves its readers to the
-        # upper copy (Overlay._follow_copy_up), which a passthrough open could not follow. A
-        # read-only mount copies nothing up.
-        movable = handle.layer == 0 or not self.overlay.opts.writable
+        # Only a file the node will show for good goes passthrough: a lower file of a writable
+        # mount stays with us, since a copy-up moves its readers to the upper copy
+        # (Overlay._follow_copy_up), which a passthrough open could not follow. A read-only
+        # mount copies nothing up.
+        settled = handle.layer == 0 or not self.overlay.opts.writable
         backing_id = self.modes.passthrough(handle.fh, node.ino, handle.fd,
-                                            movable and not flags & os.O_DIRECT)
+                                            settled and not flags & os.O_DIRECT)
         if backing_id:
             # Its writes pass the page cache by; the kernel drops the cached pages at every open
             # without keep_cache, and caches none while passthrough opens exist.
