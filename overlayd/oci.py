@@ -28,10 +28,13 @@ import errno
 import gzip
 import io
 import os
+import shutil
 import stat
+import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -399,6 +402,62 @@ class _Prefixed(io.RawIOBase):
         return len(data)
 
 
+class _Zstd(io.RawIOBase):
+    """A zstd stream, decompressed by the zstd program (Python 3.11 has no zstd): a thread feeds
+    it *raw*, and reads take its output. Its end checks the program's exit status, so a corrupt
+    or cut stream is a UsageError, as a bad gzip stream is."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        program = shutil.which("zstd")
+        if program is None:
+            raise UsageError("a zstd-compressed layer needs the zstd program "
+                             "(apt-get install zstd)")
+        self.proc = subprocess.Popen([program, "-d", "-c", "-q"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.feeder = threading.Thread(target=self._feed, args=(raw,), daemon=True)
+        self.feeder.start()
+
+    def _feed(self, raw: BinaryIO) -> None:
+        assert self.proc.stdin is not None
+        try:
+            while chunk := raw.read(_CHUNK):
+                self.proc.stdin.write(chunk)
+        except (BrokenPipeError, ValueError):
+            pass  # zstd stopped reading (a bad stream, or closed early): its status tells
+        finally:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        assert self.proc.stdout is not None
+        n = os.readv(self.proc.stdout.fileno(), [buf])
+        if not n:
+            self._finish()
+        return n
+
+    def _finish(self) -> None:
+        assert self.proc.stderr is not None
+        self.feeder.join()
+        status = self.proc.wait()
+        if status != 0:
+            why = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+            raise UsageError("not a valid zstd stream: "
+                             + (why[-1] if why else f"zstd exited with {status}"))
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()  # ours: stopped before its end (a refused archive)
+        self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+        self.feeder.join()
+        super().close()
+
+
 def _decompressed(source: BinaryIO) -> BinaryIO:
     head = b""
     while len(head) < 4:
@@ -410,7 +469,7 @@ def _decompressed(source: BinaryIO) -> BinaryIO:
     if head.startswith(_GZIP_MAGIC):
         return gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[return-value]
     if head.startswith(_ZSTD_MAGIC):
-        raise UsageError("zstd-compressed layers are not supported: decompress with zstd -d")
+        return io.BufferedReader(_Zstd(raw), _CHUNK)
     return raw
 
 
@@ -785,7 +844,10 @@ class Importer:
         self.cursor.close()
 
     def run(self, source: BinaryIO) -> None:
-        window = _Window(_decompressed(source))
+        with _decompressed(source) as stream:
+            self._run(_Window(stream))
+
+    def _run(self, window: _Window) -> None:
         self.tar = tarfile.open(  # noqa: SIM115 - read to its end below, owns no file
             fileobj=window, mode="r|",  # type: ignore[call-overload]
             encoding="utf-8", errors="surrogateescape")
@@ -828,7 +890,8 @@ def probe_kernel_whiteouts(root_fd: int, opaque_xattr: bytes) -> str | None:
 def import_layer(source: BinaryIO, dest: bytes | str, *, whiteouts: str = "auto",
                  userxattr: bool = False, merge: bool = False,
                  warn: Warn = _stderr_warning) -> str:
-    """Apply the OCI layer tarball read from *source* (plain or gzip) to the directory *dest*.
+    """Apply the OCI layer tarball read from *source* (plain, gzip or zstd) to the directory
+    *dest*.
 
     *dest* is made if missing; an existing one must be empty unless *merge*, which applies the
     layer over what it holds (its whiteouts and opaque markers remove what was there: the
@@ -965,7 +1028,7 @@ def main_export(argv: list[str]) -> int:
 
 def main_import(argv: list[str]) -> int:
     p = CommandParser(prog="overlayd import", description=(
-        "Unpack an OCI image-layer tarball (plain or gzip) into a layer directory that the "
+        "Unpack an OCI image-layer tarball (plain, gzip or zstd) into a layer directory that the "
         "kernel's overlayfs or overlayd can stack. DIR is made if missing; an existing DIR "
         "must be empty unless --merge."))
     p.add_argument("source", metavar="FILE", help="the tarball ('-': standard input)")

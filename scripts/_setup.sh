@@ -12,8 +12,8 @@ VENV_STAMP=$VENV/.overlayd-installed
 
 # fuse3: fusermount3 and mount.fuse3; libfuse3-dev + pkg-config: pyfuse3's build;
 # attr: getfattr/setfattr, used by the tests and handy for looking at whiteouts;
-# patch: applies our pyfuse3 patch (setup_binding).
-OVERLAYD_DEB_PACKAGES=(fuse3 libfuse3-dev pkg-config attr patch systemd strace)  # systemd-analyze; strace for the fsync tests
+# patch: applies our pyfuse3 patch (setup_binding); zstd: overlayd import of zstd layers.
+OVERLAYD_DEB_PACKAGES=(fuse3 libfuse3-dev pkg-config attr patch systemd strace zstd)  # systemd-analyze; strace for the fsync tests
 
 # pyfuse3, built from its sdist with scripts/pyfuse3-$PYFUSE3_VERSION.patch (what it adds is at the
 # top of the patch). The local version names the patch's hash, so a changed patch is rebuilt.

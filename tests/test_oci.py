@@ -367,6 +367,29 @@ def test_round_trip_every_kind(tmp_path: Path, fmt: str) -> None:
         assert (dest / "op-trusted" / ".wh..wh..opq").is_file()
 
 
+def zstd_compress(data: bytes) -> bytes:
+    return subprocess.run(["zstd", "-q", "-c"], input=data, capture_output=True,
+                          check=True).stdout
+
+
+@needs_root
+def test_zstd_layer_imports_as_the_plain_one(tmp_path: Path) -> None:
+    """An OCI layer may be zstd-compressed (application/vnd.oci.image.layer.v1.tar+zstd):
+    the zstd program decompresses it."""
+    layer = tmp_path / "upper"
+    build_every_kind(layer)
+    data = export_bytes(layer)
+    assert import_bytes(zstd_compress(data), tmp_path / "zstd") == "kernel"
+    assert layer_view(tmp_path / "zstd") == layer_view(layer)
+
+
+def test_zstd_layer_without_the_program(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("overlayd.oci.shutil.which", lambda name: None)
+    with pytest.raises(UsageError, match=r"needs the zstd program \(apt-get install zstd\)"):
+        import_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 600, tmp_path / "zstd")
+    assert not (tmp_path / "zstd").exists()
+
+
 @needs_root
 def test_import_userxattr_and_auto(tmp_path: Path) -> None:
     layer = tmp_path / "upper"
@@ -564,8 +587,13 @@ def test_truncated_and_garbage_archives(tmp_path: Path) -> None:
         import_bytes(gz[:len(gz) // 2], tmp_path / "gzcut")
     with pytest.raises(UsageError, match=r"not a valid|truncated"):
         import_bytes(gz[:-4], tmp_path / "gzcrc")
-    with pytest.raises(UsageError, match="zstd"):
-        import_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 600, tmp_path / "zstd")
+    zst = zstd_compress(data)
+    for cut, what in ((b"\x28\xb5\x2f\xfd" + b"\0" * 600, "zstdjunk"),
+                      (zst[:len(zst) // 2], "zstdcut"), (zst[:-3], "zstdend")):
+        with pytest.raises(UsageError, match=r"not a valid|truncated") as excinfo:
+            import_bytes(cut, tmp_path / what)
+        assert "\n" not in str(excinfo.value)
+        assert not (tmp_path / what).exists()
     assert import_bytes(b"\0" * 1024, tmp_path / "empty") in ("kernel", "oci")
     assert os.listdir(tmp_path / "empty") == []
 
